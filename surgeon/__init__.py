@@ -1,0 +1,52 @@
+"""surgeon: recipe-driven surgery on Hugging Face transformers models.
+
+    import surgeon
+    recipe = surgeon.load_recipe("recipes/minilm-bitfit.yaml")
+    surgery = surgeon.patch(model, recipe)      # in place; returns the record of what changed
+    print(surgery.report())
+    surgeon.save_diff(model, "runs/minilm")      # only the trainable and added tensors
+    model = surgeon.load(base_dir, "runs/minilm")
+"""
+
+__version__ = "0.1.0"
+
+from .errors import CheckpointError, RecipeError, SurgeonError  # noqa: E402
+from .recipe import Recipe, load_recipe  # noqa: E402
+
+
+def __getattr__(name):
+    # torch-heavy parts are imported on first use so `surgeon schema` and recipe checks stay fast
+    if name in ("patch", "Surgery", "surgery_of"):
+        from . import engine
+
+        return getattr(engine, name)
+    if name in ("save_diff", "load"):
+        from . import diff
+
+        return getattr(diff, name)
+    if name == "ModelMap":
+        from .modelmap import ModelMap
+
+        return ModelMap
+    if name in ("load_model", "build_meta_model"):
+        from . import checkpoint
+
+        return getattr(checkpoint, name)
+    raise AttributeError(f"module 'surgeon' has no attribute {name!r}")
+
+
+__all__ = [
+    "CheckpointError",
+    "ModelMap",
+    "Recipe",
+    "RecipeError",
+    "Surgery",
+    "SurgeonError",
+    "build_meta_model",
+    "load",
+    "load_model",
+    "load_recipe",
+    "patch",
+    "save_diff",
+    "surgery_of",
+]

@@ -1,0 +1,1 @@
+"""Efficient self-attention for transformers v5 models, plugged in through AttentionInterface."""

@@ -1,0 +1,1 @@
+"""Attention kernels: pure tensor functions, one method per file, no transformers import."""

@@ -1,0 +1,318 @@
+"""Sliding-window attention with dilation and global tokens (Longformer; Beltagy et al., 2020).
+
+Semantics (positions are key positions; the n_q queries are the *last* n_q of the n_k keys, so
+a decode step with a KV cache is the same function as a full forward):
+- bidirectional, window w: query p attends keys k with |p - k| <= w // 2 ("±w/2");
+- causal, window w: query p attends keys p - w + 1 … p (w keys including itself — the
+  convention of transformers' `sliding_window`, so a Mistral-style window maps one to one);
+- dilation δ (one per head group, heads split into equal contiguous groups): the window is
+  taken over keys at distances that are multiples of δ — the same w keys, δ× the reach;
+- global tokens (Longformer's task-specific global attention): a global key is attended by
+  every query (still respecting causality and padding); a global query attends every key;
+- key padding: masked keys are never attended; a query with no key left outputs zeros.
+
+How it is fast (../shared/DESIGN.md §2): queries are cut into blocks of c; block b needs the
+key strip [s - hi, s + c - 1 - lo] of length c + hi - lo. The strips are an `as_strided` view
+of the (edge-padded) keys — no copy — and all blocks go through the fused CPU flash kernel in
+one call with a single tiny (c, L) band mask shared by every block. Blocks whose strip touches
+a padded, out-of-range or global key get their own mask (few blocks: the edges, the padded
+region, the neighbourhood of a global token). Global keys and global queries are separate
+small attentions, merged exactly by log-sum-exp. Nothing of size n_q × n_k is ever built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ...errors import SurgeonError
+
+__all__ = ["sliding_window_attention", "window_bounds", "default_block_size"]
+
+
+def window_bounds(window: int, causal: bool) -> tuple[int, int]:
+    """Allowed offsets r = p - k (query minus key position), inclusive: lo <= r <= hi."""
+    if causal:
+        return 0, window - 1
+    return -(window // 2), window // 2
+
+
+def default_block_size(lo: int, hi: int) -> int:
+    """Query block size c. Measured on 2 CPU threads (n=16k, ±256): c=64 beat 128/256/512
+    (strip overhead c/(hi-lo) falls with c; below 64 the flash kernel's per-block cost wins)."""
+    span = hi - lo + 1
+    if span <= 64:
+        return 32
+    return 64
+
+
+def sliding_window_attention(
+    query: Tensor,  # (B, H, n_q, D)
+    key: Tensor,  # (B, H_kv, n_k, D)
+    value: Tensor,  # (B, H_kv, n_k, D)
+    *,
+    window: int,
+    causal: bool,
+    dilation: int | Sequence[int] = 1,
+    global_mask: Tensor | None = None,  # (B, n_k) bool, True = global token
+    key_padding_mask: Tensor | None = None,  # (B, n_k) bool, True = real token
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    block_size: int | None = None,
+) -> Tensor:  # (B, H, n_q, D)
+    b, h, n_q, d = query.shape
+    n_k = key.shape[2]
+    _check_inputs(query, key, value, window, global_mask, key_padding_mask)
+    dilations = _dilations_per_group(dilation, h)
+    scale = d**-0.5 if scaling is None else scaling
+    lo, hi = window_bounds(window, causal)
+    q0 = n_k - n_q  # position of the first query among the keys
+
+    key, value = expand_kv(key, h), expand_kv(value, h)  # (B, H, n_k, D)
+    out = query.new_empty(b, h, n_q, d)
+    group = h // len(dilations)
+    for bi in range(b):
+        pad = key_padding_mask[bi] if key_padding_mask is not None else None  # (n_k,)
+        glob = global_mask[bi] if global_mask is not None else None  # (n_k,)
+        if glob is not None and pad is not None:
+            glob = glob & pad  # a padded position is never global
+        if glob is not None and not bool(glob.any()):
+            glob = None
+        # the window part must not see global keys: they are attended once, in the global part
+        window_keys_ok = pad if glob is None else (~glob if pad is None else pad & ~glob)
+        for gi, dil in enumerate(dilations):
+            hs = slice(gi * group, (gi + 1) * group)
+            q, k, v = query[bi, hs], key[bi, hs], value[bi, hs]  # (Hg, n, D)
+            # the LSE feeds a merge only with global tokens; then it must carry gradient
+            o, lse = _dilated_band(
+                q, k, v, window_keys_ok, lo, hi, dil, q0, scale, dropout, block_size, glob is not None
+            )
+            if glob is not None:
+                o = _add_global_keys(o, lse, q, k, v, glob, pad, causal, q0, scale, dropout)
+                o = _global_queries(o, q, k, v, glob, pad, causal, q0, scale, dropout)
+            out[bi, hs] = o
+    return out
+
+
+def _check_inputs(query, key, value, window, global_mask, key_padding_mask) -> None:
+    if query.dim() != 4 or key.dim() != 4 or value.shape != key.shape:
+        raise SurgeonError("sliding_window_attention: expected query (B,H,n_q,D), key/value (B,H_kv,n_k,D)")
+    if window < 1:
+        raise SurgeonError(f"sliding_window_attention: window must be >= 1, got {window}")
+    b, h, n_q, _ = query.shape
+    if key.shape[0] != b or h % key.shape[1] or n_q > key.shape[2]:
+        raise SurgeonError(
+            f"sliding_window_attention: incompatible shapes query {tuple(query.shape)} key {tuple(key.shape)}"
+        )
+    for name, m in (("global_mask", global_mask), ("key_padding_mask", key_padding_mask)):
+        if m is not None and (m.dtype != torch.bool or tuple(m.shape) != (b, key.shape[2])):
+            raise SurgeonError(
+                f"sliding_window_attention: {name} must be a bool (B, n_k)=({b}, {key.shape[2]}) tensor,"
+                f" got {m.dtype} {tuple(m.shape)}"
+            )
+
+
+def _dilations_per_group(dilation: int | Sequence[int], heads: int) -> list[int]:
+    dils = [dilation] if isinstance(dilation, int) else list(dilation)
+    if not dils or any((not isinstance(x, int)) or x < 1 for x in dils):
+        raise SurgeonError(f"sliding_window_attention: dilation must be integers >= 1, got {dilation!r}")
+    if heads % len(dils):
+        raise SurgeonError(
+            f"sliding_window_attention: {len(dils)} dilation head groups do not divide {heads} heads"
+        )
+    return dils
+
+
+def _dilated_band(q, k, v, keys_ok, lo, hi, dil, q0, scale, dropout, block_size, lse_grad):
+    """Band attention with dilation δ: position p = δ·t + ρ only meets keys of its own residue
+    ρ, at residue-space offsets in [lo, hi] — so it is δ independent undilated bands."""
+    if dil == 1:
+        return _band(q, k, v, keys_ok, lo, hi, q0, scale, dropout, block_size, lse_grad)
+    hg, n_q, d = q.shape
+    n_k = k.shape[1]
+    out = q.new_zeros(hg, n_q, d)
+    lse = q.new_full((hg, n_q), float("-inf"))
+    for rho in range(dil):
+        k_idx = torch.arange(rho, n_k, dil, device=q.device)  # keys of residue ρ
+        # queries of residue ρ: positions q0 + i ≡ ρ (mod δ)
+        first = (rho - q0) % dil
+        q_idx = torch.arange(first, n_q, dil, device=q.device)
+        if len(q_idx) == 0:
+            continue
+        # in residue space the queries are the last len(q_idx) keys of this residue
+        ok = keys_ok[k_idx] if keys_ok is not None else None
+        o_r, l_r = _band(
+            q[:, q_idx], k[:, k_idx], v[:, k_idx], ok, lo, hi,
+            len(k_idx) - len(q_idx), scale, dropout, block_size, lse_grad,
+        )
+        out[:, q_idx] = o_r
+        lse[:, q_idx] = l_r
+    return out, lse
+
+
+def _band(q, k, v, keys_ok, lo, hi, q0, scale, dropout, block_size, lse_grad=False):
+    """Undilated band: query i (position q0 + i) attends key j iff lo <= q0 + i - j <= hi and
+    keys_ok[j]. q: (Hg, n_q, D), k/v: (Hg, n_k, D). Returns out (Hg, n_q, D), lse (Hg, n_q)."""
+    hg, n_q, d = q.shape
+    n_k = k.shape[1]
+    if hi >= n_k - 1 and lo <= q0 - n_k + 1:  # the window covers every key: dense attention
+        mask = keys_ok[None, None, None, :] if keys_ok is not None else None
+        o, lse = attend(q[None], k[None], v[None], mask, scale, dropout, lse_grad)
+        return o[0], lse[0]
+    c = block_size or default_block_size(lo, hi)
+    c = max(1, min(c, n_q))
+    nb = -(-n_q // c)
+    strip = c + hi - lo  # keys seen by one query block
+    # Only keys [q0 - hi, q0 + nb*c - 1 - lo] can be reached; slice, then pad both edges so
+    # that every strip is in range. Strip b starts at padded index b*c.
+    first_key = q0 - hi
+    k_lo, k_hi = max(0, first_key), min(n_k, q0 + nb * c - lo)
+    left, right = k_lo - first_key, (q0 + nb * c - lo) - k_hi
+    kk = F.pad(k[:, k_lo:k_hi], (0, 0, left, right))  # (Hg, P, D)
+    vv = F.pad(v[:, k_lo:k_hi], (0, 0, left, right))
+    ok = torch.zeros(left + (k_hi - k_lo) + right, dtype=torch.bool, device=q.device)
+    ok[left : left + k_hi - k_lo] = True if keys_ok is None else keys_ok[k_lo:k_hi]
+    qq = F.pad(q, (0, 0, 0, nb * c - n_q)) if nb * c != n_q else q  # (Hg, nb*c, D)
+
+    st = kk.stride()
+    k_strips = kk.as_strided((nb, hg, strip, d), (c * st[1], st[0], st[1], st[2]))  # (nb, Hg, L, D)
+    v_strips = vv.as_strided((nb, hg, strip, d), (c * st[1], st[0], st[1], st[2]))
+    q_blocks = qq.view(hg, nb, c, d).transpose(0, 1)  # (nb, Hg, c, D)
+    ok_strips = ok.as_strided((nb, strip), (c, 1))  # (nb, L)
+
+    # Band of one block: query i (strip position i + hi) attends strip key j iff i <= j <= i + hi - lo.
+    i = torch.arange(c, device=q.device)[:, None]
+    j = torch.arange(strip, device=q.device)[None, :]
+    band = (j >= i) & (j <= i + hi - lo)  # (c, L)
+
+    out = q.new_empty(nb, hg, c, d)
+    lse = q.new_empty(nb, hg, c)
+    clean = ok_strips.all(dim=1)  # (nb,) blocks whose whole strip is attendable
+    clean_idx = clean.nonzero().flatten()
+    dirty_idx = (~clean).nonzero().flatten()
+    if len(clean_idx):
+        a, z = int(clean_idx[0]), int(clean_idx[-1]) + 1
+        if z - a == len(clean_idx):  # contiguous: strided views, no copy
+            qb, kb, vb = q_blocks[a:z], k_strips[a:z], v_strips[a:z]
+        else:
+            qb, kb, vb = q_blocks[clean_idx], k_strips[clean_idx], v_strips[clean_idx]
+        o_c, l_c = attend(qb, kb, vb, band[None, None], scale, dropout, lse_grad)
+        out[clean_idx], lse[clean_idx] = o_c, l_c
+    if len(dirty_idx):
+        mask = band[None, None] & ok_strips[dirty_idx][:, None, None, :]  # (nd, 1, c, L)
+        o_d, l_d = attend(
+            q_blocks[dirty_idx], k_strips[dirty_idx], v_strips[dirty_idx], mask, scale, dropout, lse_grad
+        )
+        out[dirty_idx], lse[dirty_idx] = o_d, l_d
+    out = out.transpose(0, 1).reshape(hg, nb * c, d)[:, :n_q]  # (Hg, n_q, D)
+    lse = lse.transpose(0, 1).reshape(hg, nb * c)[:, :n_q]  # (Hg, n_q)
+    return out, lse
+
+
+def _add_global_keys(o, lse, q, k, v, glob, pad, causal, q0, scale, dropout):
+    """Every query also attends the global keys (Longformer's symmetric global attention)."""
+    g_idx = glob.nonzero().flatten()  # (G,)
+    n_q = q.shape[1]
+    allowed = torch.ones(n_q, len(g_idx), dtype=torch.bool, device=q.device)  # (n_q, G)
+    if causal:
+        q_pos = torch.arange(q0, q0 + n_q, device=q.device)[:, None]
+        allowed = allowed & (g_idx[None, :] <= q_pos)
+    o_g, l_g = attend(
+        q[None], k[None, :, g_idx], v[None, :, g_idx], allowed[None, None], scale, dropout,
+        need_lse_grad=True,
+    )
+    return merge_lse(o, lse, o_g[0], l_g[0])
+
+
+def _global_queries(o, q, k, v, glob, pad, causal, q0, scale, dropout):
+    """Global queries attend every (real, causally visible) key: overwrite their rows."""
+    n_q, n_k = q.shape[1], k.shape[1]
+    g_pos = glob[q0:].nonzero().flatten()  # query indices that are global
+    if len(g_pos) == 0:
+        return o
+    k_pos = torch.arange(n_k, device=q.device)[None, :]
+    allowed = torch.ones(len(g_pos), n_k, dtype=torch.bool, device=q.device)  # (G, n_k)
+    if pad is not None:
+        allowed = allowed & pad[None, :]
+    if causal:
+        allowed = allowed & (k_pos <= (g_pos + q0)[:, None])
+    o_g, _ = attend(q[None, :, g_pos], k[None], v[None], allowed[None, None], scale, dropout)
+    o = o.clone()
+    o[:, g_pos] = o_g[0]
+    return o
+
+
+# ---- shared helpers (also used by blockwise.py) -------------------------------------------
+
+_flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+
+
+def expand_kv(x: Tensor, heads: int) -> Tensor:
+    """(B, H_kv, n, D) -> (B, H, n, D): GQA query heads h share key head h // (H / H_kv)."""
+    b, h_kv, n, d = x.shape
+    if h_kv == heads:
+        return x
+    return x[:, :, None].expand(b, h_kv, heads // h_kv, n, d).reshape(b, heads, n, d)
+
+
+def attend(
+    q: Tensor,  # (N, H, m, D), any strides
+    k: Tensor,  # (N, H, L, D)
+    v: Tensor,  # (N, H, L, D)
+    mask: Tensor | None,  # bool, broadcastable to (N, H, m, L); True = may attend
+    scale: float,
+    dropout: float = 0.0,
+    need_lse_grad: bool = False,
+    is_causal: bool = False,
+) -> tuple[Tensor, Tensor]:  # out (N, H, m, D), lse (N, H, m)
+    """Attention that also returns the log-sum-exp of each row's scores, so partial results
+    merge exactly. Rows with no allowed key give out = 0 and lse = -inf.
+
+    Uses the fused CPU flash kernel; its LSE output carries no gradient and it has no dropout,
+    so those cases take an explicit-scores path (memory O(N·H·m·L), still no n×n)."""
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if dropout > 0.0 or (need_lse_grad and grad) or q.device.type != "cpu":
+        return _attend_math(q, k, v, mask, scale, dropout, is_causal)
+    additive = None
+    if mask is not None:
+        additive = torch.zeros(mask.shape, dtype=q.dtype, device=q.device)
+        additive.masked_fill_(~mask, float("-inf"))
+    out, lse = _flash_cpu(q, k, v, 0.0, is_causal, attn_mask=additive, scale=scale)
+    if mask is not None:
+        empty = ~mask.any(dim=-1)  # (.., m): the kernel reports lse = 0 there, make it -inf
+        lse = lse.masked_fill(empty.expand(lse.shape), float("-inf"))
+    return out, lse
+
+
+def _attend_math(q, k, v, mask, scale, dropout, is_causal):
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # (N, H, m, L)
+    if is_causal:
+        m, ell = scores.shape[-2:]
+        causal = torch.ones(m, ell, dtype=torch.bool, device=q.device).tril()
+        mask = causal if mask is None else mask & causal
+    nonempty = None
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+        nonempty = mask.any(dim=-1, keepdim=True)  # (.., m, 1)
+        # rows with no key get finite dummy scores so that no NaN reaches the gradient
+        scores = torch.where(nonempty, scores, torch.zeros_like(scores))
+    lse = torch.logsumexp(scores, dim=-1)  # (N, H, m)
+    probs = torch.softmax(scores, dim=-1)
+    if nonempty is not None:
+        probs = probs * nonempty
+        lse = lse.masked_fill(~nonempty[..., 0], float("-inf"))
+    if dropout > 0.0:
+        probs = F.dropout(probs, p=dropout)
+    return torch.matmul(probs, v), lse
+
+
+def merge_lse(o1: Tensor, l1: Tensor, o2: Tensor, l2: Tensor) -> Tensor:
+    """Softmax over the union of two disjoint key sets from the two partial results:
+    out = σ(l1 - l2)·o1 + (1 - σ(l1 - l2))·o2. o: (..., m, D), l: (..., m)."""
+    both_empty = torch.isneginf(l1) & torch.isneginf(l2)
+    w1 = torch.sigmoid(torch.where(both_empty, torch.zeros_like(l1), l1 - l2))
+    w1 = w1.masked_fill(both_empty, 0.0)
+    return torch.lerp(o2, o1, w1[..., None].to(o1.dtype))

@@ -1,0 +1,176 @@
+"""Reading Hugging Face checkpoint directories: validate before loading, load strictly.
+
+transformers 5 loads a checkpoint with a missing tensor as a warning (random init) and a stale
+index entry silently (../shared/DESIGN.md §4), so we inspect the files ourselves first:
+config.json, safetensors headers (no tensor data is read), the shard index, and we refuse
+pickle `.bin` weights unless asked (`allow_pickle`, then `torch.load(weights_only=True)`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+
+from .errors import CheckpointError
+
+CONFIG = "config.json"
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+PICKLE_SINGLE = "pytorch_model.bin"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+
+
+@dataclass
+class CheckpointInfo:
+    """What a model directory holds, read from headers only."""
+
+    directory: str
+    config: dict
+    format: str  # "safetensors" | "pickle"
+    files: list[str]  # weight files, relative to directory
+    weight_map: dict[str, str] = field(default_factory=dict)  # tensor -> file
+    tensors: dict[str, tuple[str, list[int]]] = field(default_factory=dict)  # name -> (dtype, shape)
+    sharded: bool = False
+
+    def listing_digest(self) -> str:
+        """sha256 over the sorted (name, dtype, shape) listing: the shape of the base."""
+        text = json.dumps(sorted([n, d, s] for n, (d, s) in self.tensors.items()))
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+def read_config(directory: str) -> dict:
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"{directory}: model directory not found")
+    path = os.path.join(directory, CONFIG)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{directory}: no config.json: not a Hugging Face model directory")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            config = json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise CheckpointError(f"{path}: no model_type: not a transformers config")
+    return config
+
+
+def inspect_checkpoint(directory: str, *, allow_pickle: bool = False, need_weights: bool = True) -> CheckpointInfo:
+    """Validate a model directory and list its tensors without reading their data."""
+    config = read_config(directory)
+    has = lambda name: os.path.isfile(os.path.join(directory, name))  # noqa: E731
+    if has(INDEX):
+        return _inspect_sharded(directory, config)
+    if has(SINGLE):
+        info = CheckpointInfo(directory, config, "safetensors", [SINGLE])
+        info.tensors = _read_header(directory, SINGLE)
+        info.weight_map = {name: SINGLE for name in info.tensors}
+        return info
+    if has(PICKLE_SINGLE) or has(PICKLE_INDEX):
+        if not allow_pickle:
+            raise CheckpointError(
+                f"{directory}: weights are only in pickle .bin files, which can run code when "
+                "loaded; convert them to safetensors or pass --allow-pickle "
+                "(then loaded with torch.load(weights_only=True))"
+            )
+        files = [PICKLE_SINGLE] if has(PICKLE_SINGLE) else sorted(
+            set(json.load(open(os.path.join(directory, PICKLE_INDEX)))["weight_map"].values())
+        )
+        return CheckpointInfo(directory, config, "pickle", files)
+    if need_weights:
+        raise CheckpointError(f"{directory}: no weights (model.safetensors or an index of shards)")
+    return CheckpointInfo(directory, config, "none", [])
+
+
+def _inspect_sharded(directory: str, config: dict) -> CheckpointInfo:
+    index_path = os.path.join(directory, INDEX)
+    try:
+        with open(index_path, encoding="utf-8") as handle:
+            index = json.load(handle)
+        weight_map = index["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{index_path}: not a valid shard index ({exc})") from None
+    files = sorted(set(weight_map.values()))
+    info = CheckpointInfo(directory, config, "safetensors", files, dict(weight_map), sharded=True)
+    for file in files:
+        if not os.path.isfile(os.path.join(directory, file)):
+            raise CheckpointError(f"{index_path}: shard {file} is listed but missing")
+        header = _read_header(directory, file)
+        for name, meta in header.items():
+            info.tensors[name] = meta
+    for name, file in weight_map.items():
+        if name not in info.tensors:
+            raise CheckpointError(f"{index_path}: tensor {name} is listed in {file} but not stored there")
+    return info
+
+
+def _read_header(directory: str, file: str) -> dict[str, tuple[str, list[int]]]:
+    from safetensors import SafetensorError, safe_open
+
+    path = os.path.join(directory, file)
+    try:
+        with safe_open(path, framework="pt") as handle:
+            out = {}
+            for name in handle.keys():
+                piece = handle.get_slice(name)
+                out[name] = (piece.get_dtype(), list(piece.get_shape()))
+            return out
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({exc})") from None
+
+
+def model_class(config: dict):
+    """The class the checkpoint was saved from (keeps its head), else the base AutoModel."""
+    import transformers
+
+    for name in config.get("architectures") or []:
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            return cls
+    return transformers.AutoModel
+
+
+def load_model(directory: str, *, allow_pickle: bool = False, dtype="auto"):
+    """Load a checkpoint into its architecture class; missing tensors are an error."""
+    info = inspect_checkpoint(directory, allow_pickle=allow_pickle)
+    cls = model_class(info.config)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    kwargs = dict(dtype=dtype, local_files_only=True, output_loading_info=True)
+    if info.format == "pickle":
+        kwargs["use_safetensors"] = False
+    try:
+        model, loading = cls.from_pretrained(directory, **kwargs)
+    except (OSError, ValueError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{directory}: cannot load the model: {first}") from None
+    missing = list(loading.get("missing_keys") or [])
+    mismatched = list(loading.get("mismatched_keys") or [])
+    if missing:
+        raise CheckpointError(
+            f"{directory}: checkpoint is missing tensor {missing[0]}"
+            + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+        )
+    if mismatched:
+        raise CheckpointError(f"{directory}: tensor {mismatched[0][0]} has the wrong shape")
+    model.eval()
+    return model, info
+
+
+def build_meta_model(directory: str):
+    """The model's structure from config.json alone, on the meta device (no weights read)."""
+    import transformers
+    from accelerate import init_empty_weights
+
+    config_dict = read_config(directory)
+    try:
+        config = transformers.AutoConfig.from_pretrained(directory, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{directory}/config.json: {exc}") from None
+    cls = model_class(config_dict)
+    with init_empty_weights():
+        if cls is transformers.AutoModel:
+            model = transformers.AutoModel.from_config(config)
+        else:
+            model = cls(config)
+    return model, config_dict

@@ -1,0 +1,305 @@
+"""Command line: each command parses, makes one library call, renders.
+
+Bad input prints `surgeon: error: <what and where>` (one line per problem), exits 2, writes
+nothing, and shows no traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import warnings
+
+import click
+
+from .errors import SurgeonError
+
+EXIT_BAD_INPUT = 2
+
+
+def _fail(message: str) -> None:
+    for line in str(message).splitlines() or [""]:
+        click.echo(f"surgeon: error: {line}", err=True)
+    sys.exit(EXIT_BAD_INPUT)
+
+
+def friendly(func):
+    """Turn user mistakes into one-line errors; keep tracebacks for real bugs."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", UserWarning)
+                result = func(*args, **kwargs)
+            for warning in caught:
+                if "surgeon" in str(warning.filename) or "matched no module" in str(warning.message):
+                    click.echo(f"surgeon: warning: {warning.message}", err=True)
+            return result
+        except SurgeonError as exc:
+            _fail(str(exc))
+        except KeyboardInterrupt:
+            _fail("interrupted; nothing was written")
+
+    return wrapper
+
+
+def _quiet_transformers() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
+def _model_dir(recipe, model_dir: str | None) -> str:
+    if model_dir:
+        return model_dir
+    default = recipe.default_model_dir() if recipe is not None else None
+    if default is None:
+        raise SurgeonError("no MODEL_DIR given and the recipe names no default `model:`")
+    return default
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="surgeon")
+def cli() -> None:
+    """surgeon: recipe-driven surgery on Hugging Face transformers models."""
+
+
+@cli.command()
+@click.argument("recipe_path", metavar="RECIPE", type=click.Path(dir_okay=False))
+@click.argument("model_dir", required=False, type=click.Path(file_okay=False))
+@click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), help="Output directory for the diff.")
+@click.option("--dry-run", is_flag=True, help="Print the plan (rules, matched modules) and write nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists (atomically).")
+@click.option("--allow-pickle", is_flag=True, help="Allow pickle .bin weights (loaded with weights_only=True).")
+@friendly
+def apply(recipe_path, model_dir, out_dir, dry_run, as_json, force, allow_pickle):
+    """Apply RECIPE to the checkpoint in MODEL_DIR and write a minimal diff to OUT.
+
+    MODEL_DIR may be omitted when the recipe names a default `model:`.
+    """
+    from . import load_recipe
+
+    recipe = load_recipe(recipe_path)
+    model_dir = _model_dir(recipe, model_dir)
+    if not dry_run and not out_dir:
+        raise SurgeonError("apply needs -o/--out (or --dry-run)")
+    _quiet_transformers()
+    from .checkpoint import inspect_checkpoint, load_model
+    from .diff import save_diff
+    from .engine import patch
+    from .fsutil import check_output
+
+    if dry_run:
+        from .checkpoint import build_meta_model
+
+        inspect_checkpoint(model_dir, allow_pickle=allow_pickle, need_weights=False)
+        model, _ = build_meta_model(model_dir)
+        surgery = patch(model, recipe)
+        _print_plan(surgery)
+        return
+    check_output(out_dir, [model_dir], overwrite=force)
+    model, _ = load_model(model_dir, allow_pickle=allow_pickle)
+    surgery = patch(model, recipe)
+    report = surgery.report()
+    save_diff(model, out_dir, base_dir=model_dir, overwrite=force)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=1))
+    else:
+        click.echo(report.render())
+        click.echo(f"wrote {out_dir} (diff of {report.data['diff_tensors']} tensors)")
+
+
+def _print_plan(surgery) -> None:
+    click.echo("plan (nothing written):")
+    for record in surgery.rules:
+        examples = ", ".join(m or "<model>" for m in record.matched[:3])
+        more = f", … (+{len(record.matched) - 3})" if len(record.matched) > 3 else ""
+        click.echo(
+            f"  rule {record.index + 1} [{record.where}] {record.action}: {len(record.matched)} modules"
+            f" ({examples}{more}); trainable +{sum(record.made_trainable.values()):,}"
+            f", added {sum(record.added.values()):,}"
+        )
+
+
+@cli.command()
+@click.argument("model_dir", required=False, type=click.Path(file_okay=False))
+@click.option("-r", "--recipe", "recipe_path", type=click.Path(dir_okay=False), help="Recipe to apply before reporting.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--seq-len", type=click.IntRange(min=1), help="Add per-layer attention cost at this length.")
+@friendly
+def report(model_dir, recipe_path, as_json, seq_len):
+    """Parameter counts (total, trainable, added), per rule and per layer, and training memory.
+
+    Reads config.json only (the model is built on the meta device), so it takes seconds even
+    for a 70B-parameter config.
+    """
+    from . import load_recipe
+
+    recipe = load_recipe(recipe_path) if recipe_path else None
+    model_dir = _model_dir(recipe, model_dir)
+    _quiet_transformers()
+    from .checkpoint import build_meta_model
+    from .engine import Surgery, patch
+    from .ledger import Ledger
+
+    model, _ = build_meta_model(model_dir)
+    surgery = patch(model, recipe) if recipe else Surgery(model, Ledger(model))
+    result = surgery.report(seq_len=seq_len)
+    click.echo(json.dumps(result.to_dict(), indent=1) if as_json else result.render())
+
+
+@cli.command()
+@click.argument("model_dir", required=False, type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print role -> module paths as JSON.")
+@friendly
+def roles(model_dir, as_json):
+    """Print how each role resolves on MODEL_DIR (role -> module paths), from config alone."""
+    _quiet_transformers()
+    from .checkpoint import build_meta_model
+    from .modelmap import ModelMap
+
+    if model_dir is None:
+        raise SurgeonError("roles needs MODEL_DIR")
+    model, _ = build_meta_model(model_dir)
+    table = ModelMap(model).role_table()
+    if as_json:
+        click.echo(json.dumps(table, indent=1))
+        return
+    from tabulate import tabulate
+
+    rows = []
+    for role, paths in table.items():
+        shown = ", ".join(_compress(paths)) if paths else "-"
+        rows.append([role, len(paths), shown])
+    click.echo(tabulate(rows, headers=["role", "count", "modules"], tablefmt="simple_outline", maxcolwidths=[None, None, 100]))
+
+
+def _compress(paths: list[str]) -> list[str]:
+    """Fold per-layer paths: encoder.layer.0.attention.self … .5 → encoder.layer.{0..5}.attention.self."""
+    import re
+
+    groups: dict[str, list[int]] = {}
+    order: list[str] = []
+    for path in paths:
+        match = re.match(r"^(.*?\.)(\d+)(\..*|$)", path)
+        key = f"{match.group(1)}{{}}{match.group(3)}" if match else path
+        if key not in groups:
+            groups[key] = []
+            order.append(key)
+        if match:
+            groups[key].append(int(match.group(2)))
+    out = []
+    for key in order:
+        indices = groups[key]
+        if not indices:
+            out.append(key)
+        elif len(indices) == 1:
+            out.append(key.replace("{}", str(indices[0])))
+        else:
+            out.append(key.replace("{}", f"{{{min(indices)}..{max(indices)}}}"))
+    return out
+
+
+@cli.command()
+@click.argument("diff_dir", type=click.Path(file_okay=False))
+@click.option("--base", "base_dir", type=click.Path(file_okay=False), help="Base model dir (default: the one in the manifest).")
+@click.option("--allow-pickle", is_flag=True, help="Allow pickle .bin base weights.")
+@friendly
+def verify(diff_dir, base_dir, allow_pickle):
+    """Load DIFF_DIR onto its base strictly (fingerprint, exact tensor set) and run a forward pass."""
+    _quiet_transformers()
+    import torch
+
+    from .diff import load, read_manifest
+
+    manifest = read_manifest(diff_dir)
+    model = load(base_dir, diff_dir, allow_pickle=allow_pickle)
+    ids = torch.arange(8).remainder(getattr(model.config, "vocab_size", 100) or 100)[None]
+    with torch.no_grad():
+        inputs = _dummy_inputs(model, ids)
+        output = model(**inputs)
+    first = output[0] if isinstance(output, tuple) else next(iter(output.values()))
+    finite = bool(torch.isfinite(first).all())
+    click.echo(
+        f"ok: {diff_dir} loads onto {base_dir or manifest['base']['path']}: "
+        f"{len(manifest['tensors'])} tensors, fingerprint matches, forward output {tuple(first.shape)} "
+        f"{'finite' if finite else 'NOT finite'}"
+    )
+    if not finite:
+        sys.exit(1)
+
+
+def _dummy_inputs(model, ids):
+    import torch
+
+    if getattr(model, "main_input_name", "input_ids") == "pixel_values":
+        size = getattr(model.config, "image_size", 224)
+        return {"pixel_values": torch.zeros(1, getattr(model.config, "num_channels", 3), size, size)}
+    inputs = {"input_ids": ids}
+    if getattr(model.config, "is_encoder_decoder", False):
+        inputs["decoder_input_ids"] = ids[:, :2]
+    return inputs
+
+
+@cli.command()
+@friendly
+def schema():
+    """Print the recipe's JSON schema (for editors); each action's `with:` is included."""
+    from . import registry
+    from .recipe import RecipeModel
+
+    data = RecipeModel.model_json_schema()
+    loaded, broken = registry.load_all()
+    for message in broken:
+        click.echo(f"surgeon: warning: {message}", err=True)
+    data.setdefault("$defs", {})
+    variants = []
+    for info in loaded:
+        params = info.action_class.Params.model_json_schema()
+        defs = params.pop("$defs", {})
+        data["$defs"].update(defs)
+        key = f"with_{info.name}"
+        data["$defs"][key] = params
+        variants.append(
+            {
+                "if": {"properties": {"do": {"const": info.name}}},
+                "then": {"properties": {"with": {"$ref": f"#/$defs/{key}"}}},
+            }
+        )
+    rule = data["$defs"].get("Rule")
+    if rule is not None:
+        rule["properties"]["do"]["enum"] = [info.name for info in loaded]
+        rule["allOf"] = variants
+    click.echo(json.dumps(data, indent=1))
+
+
+@cli.command("actions")
+@friendly
+def actions_cmd():
+    """List the registered actions (built-in and plugins) and where each comes from."""
+    from . import registry
+
+    loaded, broken = registry.load_all()
+    for info in loaded:
+        click.echo(f"{info.name:18s} {info.action_class.summary}  [{info.origin}]")
+    for message in broken:
+        click.echo(f"surgeon: error: {message}", err=True)
+    if broken:
+        sys.exit(EXIT_BAD_INPUT)
+
+
+def main() -> None:
+    cli(prog_name="surgeon")
+
+
+if __name__ == "__main__":
+    main()

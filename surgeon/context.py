@@ -1,0 +1,108 @@
+"""The only way actions change a model: every change is applied and recorded together."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .attention import interface
+from .ledger import Ledger, RuleRecord
+from .modelmap import ModelMap, Target
+
+
+class SurgeryContext:
+    """Handed to `Action.check/apply/finish`.
+
+    - `model`: the model being patched; `map`: its resolved structure (before this recipe).
+    - `set_trainable(module_or_param, flag)`: (un)freeze; recorded per rule.
+    - `add_module(parent, name, module, trainable=True)`: register new tensors on `parent`.
+    - `replace_parameter(module, name, tensor, trainable=None)`: swap a base tensor (e.g. grow
+      a position table); the growth is counted as added parameters.
+    - `attach_attention(target, variant)`: give an attention module an efficient variant.
+    - `note(text)`: a line for the report (e.g. "tied lm_head untied").
+    - `state`: a dict private to the current rule, for `finish` (e.g. a tensor shared by layers).
+    """
+
+    def __init__(self, model: nn.Module, model_map: ModelMap, ledger: Ledger):
+        self.model = model
+        self.map = model_map
+        self.ledger = ledger
+        self.rule: RuleRecord | None = None
+        self.state: dict = {}
+
+    def path_of(self, module: nn.Module) -> str:
+        for path, candidate in self.model.named_modules():
+            if candidate is module:
+                return path
+        raise KeyError("module is not part of the model")
+
+    # ---- trainability ----------------------------------------------------------------
+    def set_trainable(self, obj: nn.Module | nn.Parameter, trainable: bool) -> None:
+        params = [obj] if isinstance(obj, nn.Parameter) else list(obj.parameters())
+        for param in params:
+            self._set_param(param, trainable)
+
+    def _set_param(self, param: nn.Parameter, trainable: bool) -> None:
+        name = self.ledger.name_of(param)
+        param.requires_grad_(trainable)
+        rule = self.rule
+        if trainable and name not in self.ledger.trainable:
+            self.ledger.trainable[name] = rule.label if rule else "base"
+            if rule is not None:
+                rule.made_trainable[name] = param.numel()
+                rule.frozen.pop(name, None)
+        elif not trainable and name in self.ledger.trainable:
+            del self.ledger.trainable[name]
+            if rule is not None:
+                rule.frozen[name] = param.numel()
+                rule.made_trainable.pop(name, None)
+
+    # ---- new tensors -----------------------------------------------------------------
+    def add_module(self, parent: nn.Module, name: str, module: nn.Module, *, trainable: bool = True) -> None:
+        if name in dict(parent.named_children()):
+            raise ValueError(f"{self.path_of(parent)} already has a child '{name}'")
+        parent.add_module(name, module)
+        self._record_added(self.path_of(module), module.named_parameters(), trainable)
+
+    def add_parameter(self, parent: nn.Module, name: str, param: nn.Parameter, *, trainable: bool = True) -> None:
+        parent.register_parameter(name, param)
+        self._record_added(self.path_of(parent), [(name, param)], trainable)
+
+    def _record_added(self, prefix: str, named, trainable: bool) -> None:
+        self.ledger.refresh_names(self.model)
+        label = self.rule.label if self.rule else "base"
+        for local, param in named:
+            full = f"{prefix}.{local}" if prefix else local
+            self.ledger.added[full] = label
+            self.ledger.added_numel[full] = param.numel()
+            if self.rule is not None:
+                self.rule.added[full] = param.numel()
+            self._set_param(param, trainable)
+
+    def replace_parameter(self, module: nn.Module, name: str, tensor: torch.Tensor, *, trainable: bool | None = None) -> None:
+        old = getattr(module, name)
+        full = f"{self.path_of(module)}.{name}"
+        was_trainable = full in self.ledger.trainable
+        new = nn.Parameter(tensor, requires_grad=False)
+        setattr(module, name, new)
+        old_shape = self.ledger.resized.get(full, (tuple(old.shape), None))[0]
+        self.ledger.resized[full] = (old_shape, tuple(new.shape))
+        self.ledger.refresh_names(self.model)
+        self.ledger.trainable.pop(full, None)
+        self._set_param(new, was_trainable if trainable is None else trainable)
+        if self.rule is not None:
+            self.rule.notes.append(f"{full}: {tuple(old.shape)} -> {tuple(new.shape)}")
+
+    # ---- attention -------------------------------------------------------------------
+    def attach_attention(self, target: Target, variant) -> None:
+        interface.attach(self.model, target.module, variant)
+        if isinstance(variant, nn.Module):
+            self._record_added(
+                f"{target.path}.{interface.VARIANT_ATTR}", variant.named_parameters(), True
+            )
+        if self.rule is not None:
+            self.rule.attention.append(target.path)
+
+    def note(self, text: str) -> None:
+        if self.rule is not None:
+            self.rule.notes.append(text)

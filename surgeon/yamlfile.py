@@ -1,0 +1,130 @@
+"""YAML loading that keeps line numbers and avoids YAML 1.1's traps.
+
+PyYAML implements YAML 1.1: `1e-4` loads as a string, `no`/`on` as booleans, `010` as 8, and a
+duplicate key silently keeps the last value. Recipes are read with the YAML 1.2 core schema
+instead (`true`/`false` only, decimal ints, floats with or without a dot) and duplicate keys are
+errors. Every key and list item's line is recorded so validation errors can point at it.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import yaml
+
+from .errors import RecipeError
+
+Path = tuple  # a data path: ("rules", 0, "with", "r")
+
+
+class _CoreLoader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 core-schema scalar resolution."""
+
+
+_CoreLoader.yaml_implicit_resolvers = {}
+_CoreLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+_CoreLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:int", re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"), list("-+0123456789")
+)
+_CoreLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
+        r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+    ),
+    list("-+.0123456789"),
+)
+_CoreLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:null", re.compile(r"^(?:~|null|Null|NULL|)$"), ["~", "n", "N", ""]
+)
+
+
+def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    text = loader.construct_scalar(node)
+    if text.startswith("0o"):
+        return int(text[2:], 8)
+    if text.startswith("0x"):
+        return int(text[2:], 16)
+    return int(text, 10)  # "010" is ten, not eight
+
+
+_CoreLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+
+
+def _construct_float(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> float:
+    text = loader.construct_scalar(node).lower()
+    return float(text.replace(".inf", "inf").replace(".nan", "nan"))
+
+
+_CoreLoader.add_constructor("tag:yaml.org,2002:float", _construct_float)
+
+
+def load_yaml(text: str, source: str) -> tuple[Any, dict[Path, int]]:
+    """Parse `text`; return the data and a map from data path to 1-based line number."""
+    loader = _CoreLoader(text)
+    try:
+        node = loader.get_single_node()
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise RecipeError([f"{where}: malformed YAML: {problem}"]) from None
+    finally:
+        loader.dispose()
+    if node is None:
+        return None, {}
+    lines: dict[Path, int] = {(): node.start_mark.line + 1}
+    problems: list[str] = []
+    data = _build(loader, node, (), lines, problems, source)
+    if problems:
+        raise RecipeError(problems)
+    return data, lines
+
+
+def _build(loader, node, path: Path, lines, problems, source) -> Any:
+    if isinstance(node, yaml.MappingNode):
+        out: dict = {}
+        for key_node, value_node in node.value:
+            key = _build(loader, key_node, path, {}, problems, source)
+            line = key_node.start_mark.line + 1
+            if not isinstance(key, (str, int, float, bool)) and key is not None:
+                problems.append(f"{source}:{line}: {format_path(path)}: mapping keys must be scalars")
+                continue
+            if key in out:
+                problems.append(
+                    f"{source}:{line}: {format_path(path + (key,))}: duplicate key "
+                    f"(first given on line {lines[path + (key,)]})"
+                )
+                continue
+            lines[path + (key,)] = line
+            out[key] = _build(loader, value_node, path + (key,), lines, problems, source)
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        items = []
+        for index, item in enumerate(node.value):
+            lines[path + (index,)] = item.start_mark.line + 1
+            items.append(_build(loader, item, path + (index,), lines, problems, source))
+        return items
+    return loader.construct_object(node, deep=True)
+
+
+def format_path(path: Path) -> str:
+    """("rules", 0, "with", "r") -> "rules[0].with.r"."""
+    text = ""
+    for part in path:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            text += ("." if text else "") + str(part)
+    return text or "<top>"
+
+
+def line_of(lines: dict[Path, int], path: Path) -> int | None:
+    """The line of the longest prefix of `path` that the file has."""
+    for end in range(len(path), -1, -1):
+        if path[:end] in lines:
+            return lines[path[:end]]
+    return None
