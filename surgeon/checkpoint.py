@@ -168,9 +168,21 @@ def build_meta_model(directory: str):
     except (OSError, ValueError, KeyError) as exc:
         raise CheckpointError(f"{directory}/config.json: {exc}") from None
     cls = model_class(config_dict)
-    with init_empty_weights():
-        if cls is transformers.AutoModel:
-            model = transformers.AutoModel.from_config(config)
-        else:
-            model = cls(config)
+    import torch
+
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    previous = torch.get_default_dtype()
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        torch.set_default_dtype(dtype)  # so the report's memory estimate uses the checkpoint dtype
+    try:
+        with init_empty_weights():
+            if cls is transformers.AutoModel:
+                model = transformers.AutoModel.from_config(config)
+            else:
+                model = cls(config)
+    finally:
+        torch.set_default_dtype(previous)
+    model.tie_weights()  # from_pretrained ties; a bare constructor on meta may not
     return model, config_dict

@@ -106,6 +106,7 @@ def apply(recipe_path, model_dir, out_dir, dry_run, as_json, force, allow_pickle
         surgery = patch(model, recipe)
         _print_plan(surgery)
         return
+    inspect_checkpoint(model_dir, allow_pickle=allow_pickle)
     check_output(out_dir, [model_dir], overwrite=force)
     model, _ = load_model(model_dir, allow_pickle=allow_pickle)
     surgery = patch(model, recipe)

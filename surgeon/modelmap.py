@@ -9,6 +9,8 @@ Roles are resolved from structure, not from a table per family:
 - `head` is whatever sits beside the base model (`model.base_model_prefix`), plus a pooler.
 Cross-attention (T5 `EncDecAttention`, BART `encoder_attn`, BERT `crossattention`) gets the
 role `xattn` (and `xattn.q` …), never `attn`, so self-attention rules don't touch it.
+A fused [q|k|v] projection (GPT-2 `c_attn`) has role `attn.qkv`; `attn.q`/`attn.k`/`attn.v`
+then resolve to slices of it (targets with `.fused` set), which only some actions accept.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from .errors import SurgeonError
+from .recipe import ROLE_NAMES as ROLES  # one list of roles, shared with the recipe schema
 
-from .recipe import ROLE_NAMES as ROLES  # noqa: E402  (one list of roles, shared with the recipe schema)
 
 # Child names of projections, across families (BERT, DistilBERT, GPT-2, Llama/Mistral/Qwen2,
 # T5, BART, ViT, Phi, GPT-J, …). Context decides between attention and MLP: GPT-2's `c_proj`
@@ -37,7 +39,8 @@ _ATTN_NAMES = {
 # Fused projections whose output is laid out [q | k | v] contiguously.
 _FUSED_QKV_NAMES = {"c_attn", "qkv_proj", "Wqkv", "qkv", "in_proj"}
 _MLP_NAMES = {
-    "up": {"up_proj", "fc1", "c_fc", "lin1", "wi", "wi_1", "dense_h_to_4h", "fc_in", "w_in"},
+    # Phi-3's gate_up_proj fuses gate and up: it is `mlp.up` as a whole (no slices).
+    "up": {"up_proj", "fc1", "c_fc", "lin1", "wi", "wi_1", "dense_h_to_4h", "fc_in", "w_in", "gate_up_proj"},
     "gate": {"gate_proj", "wi_0"},
     "down": {"down_proj", "fc2", "c_proj", "lin2", "wo", "dense_4h_to_h", "fc_out", "w_out"},
 }
@@ -147,9 +150,10 @@ def _fused_slices(module: nn.Module, attention: nn.Module) -> list[FusedSlice] |
         return None
     # transformers' Conv1D stores (in, out); nn.Linear stores (out, in).
     out_features = weight.shape[1] if type(module).__name__ == "Conv1D" else weight.shape[0]
-    heads = getattr(attention, "num_heads", None) or getattr(attention, "num_attention_heads", None)
-    head_dim = getattr(attention, "head_dim", None)
     config = getattr(attention, "config", None)
+    heads = (getattr(attention, "num_heads", None) or getattr(attention, "num_attention_heads", None)
+             or getattr(config, "num_attention_heads", None))  # fmt: skip
+    head_dim = getattr(attention, "head_dim", None)
     kv_heads = getattr(attention, "num_key_value_heads", None) or getattr(
         config, "num_key_value_heads", None
     )
@@ -363,10 +367,25 @@ class ModelMap:
         entry = self.entries.get(path)
         return entry.layer if entry else None
 
+    def _roles_for(self, target: Target, inherited: bool) -> frozenset[str]:
+        if not inherited or target.fused is not None:
+            return target.roles
+        roles = set(target.roles)
+        for path in _ancestors(target.path):
+            roles |= self.entries[path].roles
+        roles.discard("model")  # "inside the model" would select everything
+        if target.path == "":
+            roles.add("model")
+        return frozenset(roles)
+
     def select(self, selector) -> list[Target]:
         """Targets matching every key of `selector` (a `recipe.Selector`)."""
         wanted_roles = selector.role_set()
         regex = re.compile(selector.regex) if selector.regex else None
+        # With path/regex/type beside it, `role` means "inside a module with that role":
+        # {role: attn, type: Linear} is every Linear of the attention modules. Alone, it means
+        # the module that has the role.
+        narrowing = any(v is not None for v in (selector.path, selector.regex, selector.type))
         out: list[Target] = []
         for target in self.targets():
             if target.fused is not None and not (wanted_roles and target.roles & wanted_roles):
@@ -379,7 +398,7 @@ class ModelMap:
                 cls.__name__ for cls in type(target.module).__mro__
             }:
                 continue
-            if wanted_roles and not (target.roles & wanted_roles):
+            if wanted_roles and not (self._roles_for(target, narrowing) & wanted_roles):
                 continue
             if selector.layers is not None:
                 if target.layer is None:
@@ -388,6 +407,11 @@ class ModelMap:
                     continue
             out.append(target)
         return out
+
+
+def _ancestors(path: str) -> list[str]:
+    parts = path.split(".") if path else []
+    return [""] + [".".join(parts[: i + 1]) for i in range(len(parts))]
 
 
 def _common_prefix(paths: list[str]) -> str:

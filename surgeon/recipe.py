@@ -31,11 +31,12 @@ from .yamlfile import Path, format_path, line_of, load_yaml
 
 RECIPE_VERSION = 1
 _SLICE = re.compile(r"^\s*(-?\d+)?\s*:\s*(-?\d+)?\s*(?::\s*(-?\d+)?\s*)?$")
+_INDEX = re.compile(r"^\s*-?\d+\s*$")
 
 
 ROLE_NAMES = (
-    "model", "embed", "layer", "attn", "attn.q", "attn.k", "attn.v", "attn.o", "xattn",
-    "xattn.q", "xattn.k", "xattn.v", "xattn.o", "mlp", "mlp.up", "mlp.gate", "mlp.down",
+    "model", "embed", "layer", "attn", "attn.q", "attn.k", "attn.v", "attn.o", "attn.qkv", "xattn",
+    "xattn.q", "xattn.k", "xattn.v", "xattn.o", "xattn.qkv", "mlp", "mlp.up", "mlp.gate", "mlp.down",
     "norm", "head",
 )  # fmt: skip
 
@@ -84,7 +85,7 @@ class Selector(BaseModel):
     @pydantic.field_validator("layers")
     @classmethod
     def _layers_valid(cls, value):
-        if isinstance(value, str):
+        if isinstance(value, str) and not _INDEX.match(value):
             match = _SLICE.match(value)
             if not match:
                 raise ValueError(
@@ -103,8 +104,8 @@ class Selector(BaseModel):
         """Indices selected out of a stack of `count` layers (negatives count from the end)."""
         if self.layers is None:
             return set(range(count))
-        if isinstance(self.layers, int):
-            wanted = [self.layers]
+        if isinstance(self.layers, int) or _INDEX.match(str(self.layers)):
+            wanted = [int(self.layers)]
         elif isinstance(self.layers, list):
             wanted = self.layers
         else:
