@@ -24,6 +24,10 @@ def __getattr__(name):
         from . import diff
 
         return getattr(diff, name)
+    if name in ("merge", "unmerge"):
+        from .lora.merge import merge, unmerge  # `surgeon.lora.merge` the module, not the function
+
+        return {"merge": merge, "unmerge": unmerge}[name]
     if name == "ModelMap":
         from .modelmap import ModelMap
 
@@ -46,7 +50,9 @@ __all__ = [
     "load",
     "load_model",
     "load_recipe",
+    "merge",
     "patch",
     "save_diff",
     "surgery_of",
+    "unmerge",
 ]

@@ -6,56 +6,13 @@ nothing, and shows no traceback.
 
 from __future__ import annotations
 
-import functools
 import json
-import os
 import sys
-import warnings
 
 import click
 
+from .cli_common import EXIT_BAD_INPUT, friendly, quiet_transformers
 from .errors import SurgeonError
-
-EXIT_BAD_INPUT = 2
-
-
-def _fail(message: str) -> None:
-    for line in str(message).splitlines() or [""]:
-        click.echo(f"surgeon: error: {line}", err=True)
-    sys.exit(EXIT_BAD_INPUT)
-
-
-def friendly(func):
-    """Turn user mistakes into one-line errors; keep tracebacks for real bugs."""
-
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always", UserWarning)
-                result = func(*args, **kwargs)
-            for warning in caught:
-                if "surgeon" in str(warning.filename) or "matched no module" in str(warning.message):
-                    click.echo(f"surgeon: warning: {warning.message}", err=True)
-            return result
-        except SurgeonError as exc:
-            _fail(str(exc))
-        except KeyboardInterrupt:
-            _fail("interrupted; nothing was written")
-
-    return wrapper
-
-
-def _quiet_transformers() -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-    except ImportError:
-        pass
-
 
 def _model_dir(recipe, model_dir: str | None) -> str:
     if model_dir:
@@ -92,7 +49,7 @@ def apply(recipe_path, model_dir, out_dir, dry_run, as_json, force, allow_pickle
     model_dir = _model_dir(recipe, model_dir)
     if not dry_run and not out_dir:
         raise SurgeonError("apply needs -o/--out (or --dry-run)")
-    _quiet_transformers()
+    quiet_transformers()
     from .checkpoint import inspect_checkpoint, load_model
     from .diff import save_diff
     from .engine import patch
@@ -147,7 +104,7 @@ def report(model_dir, recipe_path, as_json, seq_len):
 
     recipe = load_recipe(recipe_path) if recipe_path else None
     model_dir = _model_dir(recipe, model_dir)
-    _quiet_transformers()
+    quiet_transformers()
     from .checkpoint import build_meta_model
     from .engine import Surgery, patch
     from .ledger import Ledger
@@ -164,7 +121,7 @@ def report(model_dir, recipe_path, as_json, seq_len):
 @friendly
 def roles(model_dir, as_json):
     """Print how each role resolves on MODEL_DIR (role -> module paths), from config alone."""
-    _quiet_transformers()
+    quiet_transformers()
     from .checkpoint import build_meta_model
     from .modelmap import ModelMap
 
@@ -217,7 +174,7 @@ def _compress(paths: list[str]) -> list[str]:
 @friendly
 def verify(diff_dir, base_dir, allow_pickle):
     """Load DIFF_DIR onto its base strictly (fingerprint, exact tensor set) and run a forward pass."""
-    _quiet_transformers()
+    quiet_transformers()
     import torch
 
     from .diff import load, read_manifest
@@ -296,6 +253,11 @@ def actions_cmd():
         click.echo(f"surgeon: error: {message}", err=True)
     if broken:
         sys.exit(EXIT_BAD_INPUT)
+
+
+from .cli_export import export_cmd, import_peft_cmd  # noqa: E402
+cli.add_command(export_cmd, "export")
+cli.add_command(import_peft_cmd, "import-peft")
 
 
 def main() -> None:

@@ -1,0 +1,1 @@
+"""Adapters that hang off existing modules (LoRA hosts share the same mechanism)."""

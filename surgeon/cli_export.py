@@ -1,0 +1,67 @@
+"""CLI: `surgeon export` (merged HF checkpoint or PEFT adapter) and `surgeon import-peft`.
+
+Registered on the `surgeon` group in cli.py with `cli.add_command(...)`.
+"""
+
+from __future__ import annotations
+
+import click
+
+from .cli_common import friendly, quiet_transformers
+
+
+@click.command("export")
+@click.argument("diff_dir", type=click.Path(file_okay=False))
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output directory.")
+@click.option("--base", "base_dir", type=click.Path(file_okay=False), help="Base model dir (default: the one in the manifest).")
+@click.option(
+    "--format", "fmt", type=click.Choice(["hf", "peft"]), default="hf", show_default=True,
+    help="hf: a plain transformers checkpoint with LoRA merged; peft: a PEFT LoRA adapter directory.",
+)  # fmt: skip
+@click.option("--adapter", "adapters", multiple=True, help="LoRA adapter(s) to export (repeatable; peft: exactly one).")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists (atomically).")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@friendly
+def export_cmd(diff_dir, out_dir, base_dir, fmt, adapters, force, no_progress):
+    """Export DIFF_DIR: merged into its base as a plain Hugging Face checkpoint (streamed tensor by
+    tensor, never the whole model in memory), or as a PEFT adapter (--format peft)."""
+    from .errors import SurgeonError
+
+    quiet_transformers()
+    if fmt == "peft":
+        from .peft_io import export_peft
+
+        if len(adapters) > 1:
+            raise SurgeonError("--format peft writes one adapter; give --adapter once")
+        config = export_peft(diff_dir, out_dir, base_dir, adapter=adapters[0] if adapters else None, overwrite=force)
+        click.echo(
+            f"wrote {out_dir}: PEFT LoRA adapter on {len(config['target_modules'])} modules "
+            f"(r={config['r']}, lora_alpha={config['lora_alpha']})"
+        )
+        return
+    from .export import export_merged
+
+    summary = export_merged(
+        diff_dir, out_dir, base_dir, progress=not no_progress, adapters=list(adapters) or None, overwrite=force
+    )
+    changed = f"; config changed: {', '.join(summary['config_changes'])}" if summary["config_changes"] else ""
+    click.echo(
+        f"wrote {out_dir}: {summary['tensors']} tensors ({summary['bytes'] / 2**20:.1f} MiB), "
+        f"{summary['merged']} with LoRA merged, {summary['from_diff']} from the diff{changed}"
+    )
+
+
+@click.command("import-peft")
+@click.argument("peft_dir", type=click.Path(file_okay=False))
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output directory for the diff.")
+@click.option("--base", "base_dir", type=click.Path(file_okay=False), help="Base model dir (default: base_model_name_or_path).")
+@click.option("--name", default="default", show_default=True, help="Adapter name in the surgeon diff.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists (atomically).")
+@friendly
+def import_peft_cmd(peft_dir, out_dir, base_dir, name, force):
+    """Turn the PEFT LoRA adapter in PEFT_DIR into a surgeon diff (loadable with `surgeon.load`)."""
+    from .peft_io import import_peft
+
+    quiet_transformers()
+    manifest = import_peft(peft_dir, out_dir, base_dir, name=name, overwrite=force)
+    click.echo(f"wrote {out_dir}: surgeon diff of {len(manifest['tensors'])} LoRA tensors on {manifest['base']['path']}")
