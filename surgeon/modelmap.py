@@ -31,9 +31,9 @@ from .recipe import ROLE_NAMES as ROLES  # one list of roles, shared with the re
 # T5, BART, ViT, Phi, GPT-J, …). Context decides between attention and MLP: GPT-2's `c_proj`
 # is attn.o inside the attention module and mlp.down inside the MLP.
 _ATTN_NAMES = {
-    "q": {"q_proj", "query", "q", "q_lin", "wq", "q_attn"},
-    "k": {"k_proj", "key", "k", "k_lin", "wk"},
-    "v": {"v_proj", "value", "v", "v_lin", "wv"},
+    "q": {"q_proj", "query", "q", "q_lin", "wq", "q_attn", "query_proj"},
+    "k": {"k_proj", "key", "k", "k_lin", "wk", "key_proj"},
+    "v": {"v_proj", "value", "v", "v_lin", "wv", "value_proj"},
     "o": {"o_proj", "out_proj", "o", "out_lin", "c_proj", "dense", "wo", "out", "proj"},
 }
 # Fused projections whose output is laid out [q | k | v] contiguously.

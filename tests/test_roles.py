@@ -184,3 +184,26 @@ def test_roles_command(tiny_model_dir):
     result = CliRunner().invoke(cli, ["roles", tiny_model_dir("gpt2")])
     assert result.exit_code == 0, result.output
     assert "transformer.h.{0..2}.attn.c_attn[q:0:32]" in result.output
+
+
+def test_unpatched_mistral_sliding_window_is_honoured():
+    """A Mistral layer with config.sliding_window, left unpatched, keeps its window under surgeon."""
+    import torch
+
+    from conftest import FAMILIES
+
+    config = FAMILIES["mistral"][0]()
+    config.sliding_window = 4
+    torch.manual_seed(0)
+    model = transformers.MistralForCausalLM(config).eval()
+    ids = torch.randint(3, 96, (1, 12))
+    with torch.no_grad():
+        model.set_attn_implementation("eager")
+        expected = model(input_ids=ids).logits
+        model.set_attn_implementation("sdpa")
+        from surgeon.attention import interface
+
+        interface.ensure_registered()
+        model.set_attn_implementation(interface.ATTN_IMPLEMENTATION)
+        got = model(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

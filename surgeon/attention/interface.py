@@ -165,6 +165,16 @@ def surgeon_attention_forward(
             causal=causal,
             **kwargs,
         )
+    window = kwargs.get("sliding_window")
+    if out is None and causal and window and key.shape[2] > window:
+        # Mistral/Qwen2 layers configured with a sliding window ask for one even when surgeon
+        # leaves them unpatched: honour it (same convention: keys in (p - window, p]).
+        from .kernels.sliding import sliding_window_attention
+
+        out = sliding_window_attention(
+            query, key, value, window=int(window), causal=True,
+            key_padding_mask=key_padding_mask, scaling=scaling, dropout=dropout,
+        )  # fmt: skip
     if out is None:
         out = dense_attention(
             query,

