@@ -28,6 +28,12 @@ def __getattr__(name):
         from .lora.merge import merge, unmerge  # `surgeon.lora.merge` the module, not the function
 
         return {"merge": merge, "unmerge": unmerge}[name]
+    if name == "train":
+        # the package surgeon.train is itself callable (forwards to surgeon.train.loop.train):
+        # importing any of its submodules binds the attribute to the package anyway
+        import importlib
+
+        return importlib.import_module(".train", __name__)
     if name == "ModelMap":
         from .modelmap import ModelMap
 
@@ -54,5 +60,6 @@ __all__ = [
     "patch",
     "save_diff",
     "surgery_of",
+    "train",
     "unmerge",
 ]

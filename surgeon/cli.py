@@ -255,6 +255,8 @@ def actions_cmd():
         sys.exit(EXIT_BAD_INPUT)
 
 
+from .cli_train import train_cmd  # noqa: E402
+cli.add_command(train_cmd, "train")
 from .cli_export import export_cmd, import_peft_cmd  # noqa: E402
 cli.add_command(export_cmd, "export")
 cli.add_command(import_peft_cmd, "import-peft")

@@ -1,0 +1,136 @@
+"""Training text: UTF-8 files → the checkpoint's tokenizer → packed sequences of seq_len.
+
+Packing (as in RoBERTa's FULL-SENTENCES and GPT-2 pretraining): every file is one document;
+documents are tokenized without special tokens, joined with a separator (the tokenizer's
+sep/eos token), cut into equal chunks, and each chunk gets the tokenizer's own special tokens
+around it (BERT: [CLS] … [SEP]; Llama: <s> …; GPT-2: none). No padding is ever needed, and
+position 0 of an encoder chunk is always [CLS] (which global-token recipes rely on).
+The tail shorter than a chunk is dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import torch
+
+from ..errors import SurgeonError
+
+
+def load_tokenizer(base_dir: str):
+    from transformers import AutoTokenizer
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        return AutoTokenizer.from_pretrained(base_dir, local_files_only=True)
+    except (OSError, ValueError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SurgeonError(f"train: cannot load the tokenizer of {base_dir}: {first}") from None
+
+
+def read_text(path: str) -> str:
+    """One data file as text; empty, missing or non-UTF-8 files are errors naming the file."""
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read()
+    except FileNotFoundError:
+        raise SurgeonError(f"train: data file {path} not found") from None
+    except IsADirectoryError:
+        raise SurgeonError(f"train: data file {path} is a directory; pass text files") from None
+    except OSError as exc:
+        raise SurgeonError(f"train: cannot read data file {path}: {exc.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise SurgeonError(
+            f"train: data file {path} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset "
+            f"{exc.start}, line {line}); convert it (e.g. iconv -t utf-8)"
+        ) from None
+    if not text.strip():
+        raise SurgeonError(f"train: data file {path} is empty")
+    return text
+
+
+def special_wrap(tokenizer) -> tuple[list[int], list[int]]:
+    """The ids the tokenizer adds before and after a single sequence (e.g. [CLS], [SEP])."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return list(full[:start]), list(full[start + len(plain) :])
+    return [], []
+
+
+def separator_id(tokenizer) -> int | None:
+    for name in ("sep_token_id", "eos_token_id"):
+        value = getattr(tokenizer, name, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def pack(tokenizer, files: list[str], seq_len: int) -> torch.Tensor:
+    """Token ids of all `files`, packed: (N, seq_len) long tensor."""
+    if not files:
+        raise SurgeonError("train: no data files given (--data FILE)")
+    prefix, suffix = special_wrap(tokenizer)
+    body = seq_len - len(prefix) - len(suffix)
+    if body < 1:
+        raise SurgeonError(f"train: seq-len {seq_len} leaves no room for text after the special tokens")
+    sep = separator_id(tokenizer)
+    stream: list[int] = []
+    for path in files:
+        ids = tokenizer(read_text(path), add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise SurgeonError(f"train: data file {path} has no tokens")
+        if stream and sep is not None:
+            stream.append(sep)
+        stream.extend(ids)
+    count = len(stream) // body
+    if count == 0:
+        raise SurgeonError(
+            f"train: the data has {len(stream)} tokens, fewer than one sequence of seq-len "
+            f"{seq_len} needs ({body} + {len(prefix) + len(suffix)} special); add text or lower --seq-len"
+        )
+    chunks = torch.tensor(stream[: count * body], dtype=torch.long).view(count, body)  # (N, body)
+    parts = [torch.tensor(prefix, dtype=torch.long).expand(count, -1), chunks,
+             torch.tensor(suffix, dtype=torch.long).expand(count, -1)]  # fmt: skip
+    return torch.cat(parts, dim=1)  # (N, seq_len)
+
+
+def fingerprint(files: list[str]) -> str:
+    """sha256 over the files' bytes (in order): a resumed run must see the same data."""
+    digest = hashlib.sha256()
+    for path in files:
+        with open(path, "rb") as handle:
+            digest.update(hashlib.sha256(handle.read()).digest())
+    return digest.hexdigest()
+
+
+class StepBatches:
+    """Batches as a pure function of (seed, step, rank): resuming needs no loader state.
+
+    Each epoch is a fresh permutation of the sequences (seeded by seed + epoch); global step s
+    takes the next `batch_size * world` sequences of that stream, and rank r takes its slice.
+    """
+
+    def __init__(self, sequences: torch.Tensor, batch_size: int, *, world: int = 1, rank: int = 0, seed: int = 0):
+        self.sequences = sequences  # (N, seq_len)
+        self.batch_size, self.world, self.rank, self.seed = batch_size, world, rank, seed
+        self._epoch, self._order = -1, None
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch, self._order = epoch, torch.randperm(len(self.sequences), generator=generator)
+        return self._order
+
+    def batch(self, step: int) -> torch.Tensor:  # (batch_size, seq_len)
+        n = len(self.sequences)
+        per_step = self.batch_size * self.world
+        start = step * per_step + self.rank * self.batch_size
+        index = [(start + i) for i in range(self.batch_size)]
+        rows = [self._permutation(i // n)[i % n] for i in index]
+        return self.sequences[torch.stack(rows)]

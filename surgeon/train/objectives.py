@@ -1,0 +1,216 @@
+"""Training objectives: each is an nn.Module whose forward returns the loss.
+
+The module holds the patched model (and, for MLM/CLM on a headless checkpoint, a scaffold
+head), so that one module is what DDP wraps. Work that needs no gradient — masking, the
+teacher's forward — happens in `inputs(ids, generator)`, outside the DDP wrapper.
+
+- `distill`: attention transfer without labels. The teacher is the unpatched base checkpoint
+  (same weights, dense attention). Loss = mean over patched attention modules of the relative
+  MSE between the student's and the teacher's attention output (the (B, n, H·D) context, read
+  with forward hooks), plus `final_weight` × a loss on the final hidden states (relative MSE)
+  or logits (KL), or the cosine distance of the mean-pooled final states (`pooled`, for
+  sentence-embedding models). Layer-wise transfer as in TinyBERT (Jiao et al. 2020) and MiniLM
+  (Wang et al. 2020); used here to calibrate converted attention rather than to compress.
+  `attn_weight` scales the layer terms (0 = match only the final output).
+- `mlm`: BERT masking (Devlin et al. 2019): 15 % of non-special tokens; of those 80 % →
+  mask token, 10 % → random token, 10 % unchanged.
+- `clm`: next-token prediction (labels = inputs; the model shifts them).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..attention.interface import variant_of
+from ..errors import SurgeonError
+
+OBJECTIVES = ("distill", "mlm", "clm")
+FINALS = ("hidden", "pooled", "logits", "none")
+
+
+def _relative_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    # normalised by the teacher's mean square so every layer weighs the same whatever its scale
+    return (student.float() - teacher.float()).pow(2).mean() / teacher.float().pow(2).mean().clamp_min(1e-12)
+
+
+def _first(output) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def is_causal_model(model: nn.Module) -> bool:
+    return any(getattr(m, "is_causal", False) for m in model.modules())
+
+
+def _with_head(model: nn.Module, kind: str) -> tuple[nn.Module, list[str]]:
+    """`model` itself if it has an LM head, else a scaffold: the task class built from the same
+    config with its body replaced by the patched model. Returns (module, scaffold parameter names).
+
+    The scaffold head is trained (it is needed for a meaningful loss) and checkpointed, but it
+    is not part of the patched model and never enters the final diff.
+    """
+    if model.get_output_embeddings() is not None:
+        return model, []
+    import transformers
+
+    auto = transformers.AutoModelForMaskedLM if kind == "mlm" else transformers.AutoModelForCausalLM
+    try:
+        wrapper = auto.from_config(model.config)
+    except ValueError:
+        raise SurgeonError(
+            f"train: {type(model).__name__} has no language-model head and transformers has no "
+            f"{'masked' if kind == 'mlm' else 'causal'}-LM class for model_type "
+            f"{model.config.model_type!r}; use another objective (e.g. distill)"
+        ) from None
+    prefix = wrapper.base_model_prefix
+    body = model.base_model
+    setattr(wrapper, prefix, body)
+    wrapper.tie_weights()
+    body_ids = {id(p) for p in body.parameters()}
+    scaffold = []
+    for name, param in wrapper.named_parameters():
+        if id(param) not in body_ids:
+            param.requires_grad_(True)
+            scaffold.append(name)
+    return wrapper, scaffold
+
+
+class ClmObjective(nn.Module):
+    name = "clm"
+
+    def __init__(self, model: nn.Module, tokenizer):
+        super().__init__()
+        if not is_causal_model(model):
+            raise SurgeonError(
+                f"train: objective clm needs a causal (decoder) model; {type(model).__name__} "
+                "attends both ways — use mlm or distill"
+            )
+        self.student = model
+        self.net, self.scaffold = _with_head(model, "clm")
+
+    def inputs(self, ids: torch.Tensor, generator: torch.Generator) -> dict:
+        return {"input_ids": ids}
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.net(input_ids=input_ids, labels=input_ids).loss
+
+
+class MlmObjective(nn.Module):
+    name = "mlm"
+    rate = 0.15
+
+    def __init__(self, model: nn.Module, tokenizer):
+        super().__init__()
+        if tokenizer.mask_token_id is None:
+            raise SurgeonError(f"train: objective mlm needs a mask token; the tokenizer of {type(model).__name__} has none")
+        if is_causal_model(model):
+            raise SurgeonError(f"train: objective mlm needs a bidirectional model; {type(model).__name__} is causal — use clm")
+        self.student = model
+        self.net, self.scaffold = _with_head(model, "mlm")
+        self.mask_id = tokenizer.mask_token_id
+        self.vocab = model.get_input_embeddings().num_embeddings
+        self.special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
+
+    def inputs(self, ids: torch.Tensor, generator: torch.Generator) -> dict:
+        ids = ids.clone()  # (B, n)
+        can = ~torch.isin(ids, self.special.to(ids.device))
+        chosen = (torch.rand(ids.shape, generator=generator) < self.rate).to(ids.device) & can
+        if not chosen.any():  # a batch with no target would give a NaN loss
+            chosen.view(-1)[can.view(-1).nonzero()[0]] = True
+        labels = torch.where(chosen, ids, torch.full_like(ids, -100))
+        roll = torch.rand(ids.shape, generator=generator).to(ids.device)
+        random_ids = torch.randint(0, self.vocab, ids.shape, generator=generator).to(ids.device)
+        ids = torch.where(chosen & (roll < 0.8), torch.full_like(ids, self.mask_id), ids)
+        ids = torch.where(chosen & (roll >= 0.8) & (roll < 0.9), random_ids, ids)
+        return {"input_ids": ids, "labels": labels}
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.net(input_ids=input_ids, labels=labels).loss
+
+
+class DistillObjective(nn.Module):
+    name = "distill"
+
+    def __init__(self, model: nn.Module, teacher: nn.Module, *, final: str = "hidden", final_weight: float = 1.0,
+                 attn_weight: float = 1.0):  # fmt: skip
+        super().__init__()
+        if final not in FINALS:
+            raise SurgeonError(f"train: distill final must be one of {', '.join(FINALS)}, got {final!r}")
+        self.student = model
+        self.teacher = [teacher]  # a list keeps it out of this module: never trained, never wrapped by DDP
+        self.final, self.final_weight, self.attn_weight = final, float(final_weight), float(attn_weight)
+        from ..modelmap import ModelMap
+
+        attn = [t.path for t in ModelMap(model).targets() if "attn" in t.roles and t.fused is None
+                and t.path and t.module is not None and _is_attention_module(t)]  # fmt: skip
+        patched = [p for p in attn if variant_of(model.get_submodule(p)) is not None]
+        # "each patched attention layer"; a recipe that changes no attention (LoRA, BitFit)
+        # is distilled on every attention module instead
+        self.paths = patched or attn
+        if not self.paths and final == "none":
+            raise SurgeonError("train: distill has nothing to compare: no attention modules and final: none")
+        if final == "logits" and model.get_output_embeddings() is None:
+            raise SurgeonError(f"train: distill final: logits needs a model with an LM head; {type(model).__name__} has none")
+        self._captured: dict[str, torch.Tensor] = {}
+        self._teacher_modules = {p: teacher.get_submodule(p) for p in self.paths}
+        self._handles = [model.get_submodule(p).register_forward_hook(self._hook(p)) for p in self.paths]
+
+    def close(self) -> None:
+        """Remove the hooks from the student (the trained model is returned to the caller)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _hook(self, path: str):
+        def capture(module, args, output):
+            self._captured[path] = _first(output)  # (B, n, H·D)
+
+        return capture
+
+    @torch.no_grad()
+    def inputs(self, ids: torch.Tensor, generator: torch.Generator) -> dict:
+        teacher = self.teacher[0]
+        captured: dict[str, torch.Tensor] = {}
+        handles = [
+            m.register_forward_hook(lambda mod, a, out, p=p: captured.__setitem__(p, _first(out)))
+            for p, m in self._teacher_modules.items()
+        ]
+        try:
+            out = teacher(input_ids=ids, output_hidden_states=self.final in ("hidden", "pooled"))
+        finally:
+            for handle in handles:
+                handle.remove()
+        targets = {f"attn_{i}": captured[p] for i, p in enumerate(self.paths)}
+        if self.final in ("hidden", "pooled"):
+            targets["final"] = out.hidden_states[-1]
+        elif self.final == "logits":
+            targets["final"] = out.logits
+        return {"input_ids": ids, **targets}
+
+    def forward(self, input_ids: torch.Tensor, **targets) -> torch.Tensor:
+        self._captured.clear()
+        out = self.student(input_ids=input_ids, output_hidden_states=self.final in ("hidden", "pooled"))
+        loss = input_ids.new_zeros((), dtype=torch.float32)
+        if self.paths and self.attn_weight:
+            parts = [_relative_mse(self._captured[p], targets[f"attn_{i}"]) for i, p in enumerate(self.paths)]
+            loss = loss + self.attn_weight * torch.stack(parts).mean()
+        if self.final == "hidden":
+            loss = loss + self.final_weight * _relative_mse(out.hidden_states[-1], targets["final"])
+        elif self.final == "pooled":
+            # sentence-embedding models (e.g. sentence-transformers) are read through mean pooling:
+            # 1 - cosine of the mean-pooled final states targets that use directly
+            pooled = F.cosine_similarity(out.hidden_states[-1].float().mean(1), targets["final"].float().mean(1), dim=-1)
+            loss = loss + self.final_weight * (1 - pooled).mean()
+        elif self.final == "logits":
+            log_p = F.log_softmax(out.logits.float(), dim=-1)
+            log_q = F.log_softmax(targets["final"].float(), dim=-1)
+            loss = loss + self.final_weight * F.kl_div(log_p, log_q, log_target=True, reduction="none").sum(-1).mean()
+        self._captured.clear()
+        return loss
+
+
+def _is_attention_module(target) -> bool:
+    from ..modelmap import routes_through_interface
+
+    return routes_through_interface(target.module) or variant_of(target.module) is not None
