@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .errors import SurgeonError
 from .recipe import ROLE_NAMES as ROLES  # one list of roles, shared with the recipe schema
 
 
@@ -422,22 +421,3 @@ def _common_prefix(paths: list[str]) -> str:
             break
         common.append(parts[0])
     return ".".join(common)
-
-
-def require_attention_target(target: Target, action: str) -> None:
-    """Shared check for attention actions: the target must be a self-attention module."""
-    if "xattn" in target.roles:
-        raise SurgeonError(
-            f"{action}: {target.display} ({target.class_name}) is cross-attention; "
-            "efficient self-attention variants do not apply to it"
-        )
-    if "attn" not in target.roles:
-        raise SurgeonError(
-            f"{action}: {target.display} ({target.class_name}) is not a self-attention module; "
-            "select it with role: attn"
-        )
-    if not routes_through_interface(target.module):
-        raise SurgeonError(
-            f"{action}: {target.display}: {target.class_name} does not call the transformers "
-            "attention interface, so surgeon cannot replace its attention (not supported)"
-        )

@@ -240,7 +240,7 @@ def test_report_cost():
 
 
 @pytest.mark.parametrize("rule, msg", [
-    (recipe("sliding_window", {"role": "mlp"}, window=4), "not an attention module"),
+    (recipe("sliding_window", {"role": "mlp"}, window=4), "not a self-attention module"),
     (recipe("sliding_window", window=0), "window must be >= 1"),
     (recipe("sliding_window", window=[4, 4]), "lists 2 values"),
     (recipe("sliding_window", window=4, dilation=0), "dilation must be >= 1"),

@@ -19,7 +19,7 @@ import pydantic
 from ..attention.variants_local import BlockwiseVariant, heads_of
 from ..errors import SurgeonError
 from .base import Action, params_config
-from .sliding_window import check_attention_target
+from ..attention.targets import check_attention_target
 
 
 class BlockwiseParams(pydantic.BaseModel):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import pydantic
 
 from ..attention.variants_local import SlidingWindowVariant, as_list, heads_of
+from ..attention.targets import check_attention_target
 from ..errors import SurgeonError
 from .base import Action, params_config
 
@@ -41,26 +42,6 @@ class SlidingWindowParams(pydantic.BaseModel):
         default_factory=list, description="positions that attend to and are attended by all"
     )
     block_size: int | None = pydantic.Field(None, description="kernel query block (tuning only)")
-
-
-def check_attention_target(action: str, target, ctx) -> None:
-    """The common refusals of attention variants, each naming the module."""
-    from ..modelmap import routes_through_interface
-
-    where = f"{target.path} ({target.class_name})"
-    if "xattn" in target.roles:
-        raise SurgeonError(f"{action}: {where} is cross-attention; only self-attention can be converted")
-    looks_like_attention = "attention" in target.class_name.lower()
-    if "attn" not in target.roles and not looks_like_attention:
-        roles = ", ".join(sorted(target.roles)) or "none"
-        raise SurgeonError(
-            f"{action}: {where} is not an attention module (roles: {roles}); select role: attn"
-        )
-    if not routes_through_interface(target.module):
-        raise SurgeonError(
-            f"{action}: {where} computes attention in its own eager code, not through transformers' "
-            "AttentionInterface; this family is not supported"
-        )
 
 
 def max_positions(model) -> int | None:

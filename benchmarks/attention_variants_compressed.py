@@ -1,0 +1,114 @@
+"""Linformer, latent and LSH entries for benchmarks/attention.py (issue 4 §4).
+
+benchmarks/attention.py appends `VARIANTS` when this file sits beside it; see its docstring for
+the entry format. "pairs" counts the (query, key) score pairs a method computes, with
+projection / summary work converted at the same cost per pair (one pair = a D-long dot product
+plus a D-long weighted sum):
+- Linformer: n·k scores, plus E·K and F·V = another 2·n·k·D multiply-adds → 2·n·k.
+- latent: Z·Kᵀ twice (two fused calls share no work), A·K, A·V → 2·n·m; tokens × slots → n·m;
+  with summary_keys="latent" one read fewer → 2·n·m in all.
+- LSH: n_hashes · n · 2·bucket_size (hashing is ~5 % more, not counted).
+Learned tensors (E, F, latents) are random, built once per n and cached, so their
+construction is not timed; the memory subprocess does build them (16 MB for E, F at 16k).
+Targets at n = 16384 vs dense SDPA: Linformer k=256 ≥ 28×, latent m=256 ≥ 25×, LSH 4 hashes
+bucket 64 ≥ 4× with peak ≤ 500 MB; Linformer at n = 1024 not slower than dense.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from surgeon.attention.kernels.latent import latent_attention  # noqa: E402
+from surgeon.attention.kernels.linformer import linformer_attention, random_projection  # noqa: E402
+from surgeon.attention.kernels.lsh import lsh_attention  # noqa: E402
+
+_CACHE: dict = {}
+
+
+def _cached(key, make):
+    if key not in _CACHE:
+        _CACHE[key] = make()
+    return _CACHE[key]
+
+
+def _linformer(k: int):
+    def run(q, key, v):
+        n = key.shape[2]
+        e, f = _cached(("linformer", k, n), lambda: (random_projection(k, n), random_projection(k, n)))
+        return linformer_attention(q, key, v, e, f, key_padding_mask=None, scaling=q.shape[-1] ** -0.5)
+
+    return run
+
+
+def _latent(m: int, summary_keys: str = "attended"):
+    def run(q, key, v):
+        z = _cached(("latent", m, key.shape[1], key.shape[3]),
+                    lambda: torch.randn(key.shape[1], m, key.shape[3]))  # fmt: skip
+        return latent_attention(q, key, v, z, key_padding_mask=None, scaling=q.shape[-1] ** -0.5,
+                                summary_keys=summary_keys)  # fmt: skip
+
+    return run
+
+
+def _lsh(n_hashes: int, bucket_size: int):
+    def run(q, key, v):
+        return lsh_attention(q, key, v, n_hashes=n_hashes, bucket_size=bucket_size, seed=0,
+                             key_padding_mask=None, scaling=q.shape[-1] ** -0.5)  # fmt: skip
+
+    return run
+
+
+VARIANTS = [
+    {"name": "linformer k=256", "causal": False, "run": _linformer(256),
+     "pairs": lambda n: 2 * n * min(n, 256)},
+    {"name": "latent m=256", "causal": False, "run": _latent(256), "pairs": lambda n: 3 * n * 256},
+    {"name": "latent m=256, keys=latents", "causal": False, "run": _latent(256, "latent"),
+     "pairs": lambda n: 2 * n * 256},
+    {"name": "lsh 4 hashes, bucket 64", "causal": False, "run": _lsh(4, 64),
+     "pairs": lambda n: 4 * n * min(n, 128)},
+    {"name": "lsh 8 hashes, bucket 64", "causal": False, "run": _lsh(8, 64),
+     "pairs": lambda n: 8 * n * min(n, 128)},
+]  # fmt: skip
+
+
+def main() -> None:
+    """Run benchmarks/attention.py's harness on these variants only (plus dense, same run):
+
+        flock /tmp/surgeon-cpu.lock python benchmarks/attention_variants_compressed.py
+
+    Writes benchmarks/results/attention_compressed.json."""
+    import argparse
+    import importlib.util
+    import json
+
+    parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096, 16384])
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--no-memory", action="store_true")
+    args = parser.parse_args()
+    here = Path(__file__).resolve().parent
+    spec = importlib.util.spec_from_file_location("attention_harness", here / "attention.py")
+    harness = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(harness)
+    harness.local_variants = lambda: []  # the sliding/blockwise rows belong to attention.py's run
+    torch.set_num_threads(harness.THREADS)
+    rows = harness.bench_core(args.sizes, args.repeat, not args.no_memory)
+    rows = [r for r in rows if not r["causal"]]
+    print(harness.table(rows, None))
+    meta = {"torch": torch.__version__, "threads": harness.THREADS, "heads": harness.HEADS,
+            "head_dim": harness.HEAD_DIM, "dtype": "float32", "batch": 1,
+            "timing": f"best of {args.repeat} after one warm-up ({max(1, args.repeat - 1)} at 16k)",
+            "memory": "peak RSS rise of one call, fresh subprocess (benchmarks/attention.py)"}  # fmt: skip
+    out = here / "results" / "attention_compressed.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "core": rows}, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

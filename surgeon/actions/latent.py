@@ -1,0 +1,58 @@
+"""`latent`: Perceiver-style latent bottleneck for self-attention (Jaegle et al. 2021).
+
+m learned latent queries per KV head (`<attention>.surgeon_attention.latents`, added and
+trainable) read K and V into m summary slots; tokens then attend to the slots: O(n·m). The
+latents are new random tensors, so the untrained model is only a rough approximation; the
+`train` step makes it good. Causal modules are refused: every slot mixes all positions.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import pydantic
+
+from ..attention.variants_compressed import LatentAttention, kv_heads_and_dim
+from ..errors import SurgeonError
+from ..attention.targets import check_attention_target
+from .base import Action, params_config
+
+
+class LatentParams(pydantic.BaseModel):
+    model_config = params_config()
+
+    m: int  # number of latent slots; cost O(n·m)
+    init: Literal["random"] = "random"  # N(0, 1) latents (identical latents could never separate)
+    seed: int = 0
+    # "attended": slot keys = latent-weighted mean of the token keys (sensible untrained);
+    # "latent": slot keys = the latents themselves (one read fewer, ~1/3 faster; needs training)
+    summary_keys: Literal["attended", "latent"] = "attended"
+
+
+class Latent(Action):
+    name = "latent"
+    Params = LatentParams
+    summary = "Perceiver-style latents: tokens attend to m learned summaries of the keys/values"
+
+    def check(self, target, params, ctx) -> None:
+        check_attention_target(self.name, target, ctx)
+        where = target.display
+        if getattr(target.module, "is_causal", False):
+            raise SurgeonError(
+                f"latent: {where} is causal (decoder) attention; latent slots would mix future tokens"
+            )
+        if params.m <= 0:
+            raise SurgeonError(f"latent: {where}: m must be positive, got {params.m}")
+        if kv_heads_and_dim(target.module) is None:
+            raise SurgeonError(f"latent: {where}: cannot tell its number of heads and head size")
+
+    def apply(self, target, params, ctx) -> None:
+        kv_heads, head_dim = kv_heads_and_dim(target.module)
+        dtype = next(target.module.parameters()).dtype
+        # One seed per layer: identical latents in every layer would be a needless tie.
+        seed = params.seed + (target.layer.index if target.layer is not None else 0)
+        variant = LatentAttention(
+            params.m, kv_heads, head_dim, seed=seed, summary_keys=params.summary_keys, dtype=dtype,
+            where=target.display,
+        )  # fmt: skip
+        ctx.attach_attention(target, variant)

@@ -1,0 +1,80 @@
+"""`linformer`: project keys and values along the sequence to k slots (Wang et al. 2020).
+
+Keeps the module's Q/K/V/O weights and adds E, F (k × max_length) on the attention module
+(`<attention>.surgeon_attention.proj_k` / `.proj_v`): they are added, trainable parameters in
+the report and the diff. `init: segment_mean` starts E = F as "first token alone + mean
+pooling over k-1 equal segments of the other positions", so the untrained model is already a
+coarse approximation (MiniLM, 256 tokens: embedding cosine 0.73 at k=64, 0.78 at k=128 — it is
+meant to be trained); `random` is the reference implementation's uniform init. The segments span
+max_length (default: the model's max positions), so shorter inputs fill only the first slots.
+Causal modules are refused: the projection mixes future tokens into every slot.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import pydantic
+
+from ..attention.variants_compressed import LinformerAttention, max_positions
+from ..errors import SurgeonError
+from ..attention.targets import check_attention_target
+from .base import Action, params_config
+
+
+class LinformerParams(pydantic.BaseModel):
+    model_config = params_config()
+
+    k: int  # projected length; cost O(n·k)
+    max_length: int | None = None  # columns of E, F; default: the model's max positions
+    share: Literal["none", "kv", "layer"] = "none"  # Linformer §4 sharing: F = E, one E for all layers
+    init: Literal["segment_mean", "random"] = "segment_mean"
+    seed: int = 0  # for init: random
+
+
+def _max_length(params: LinformerParams, ctx) -> int | None:
+    return params.max_length if params.max_length is not None else max_positions(ctx.model)
+
+
+class Linformer(Action):
+    name = "linformer"
+    Params = LinformerParams
+    summary = "Linformer: attend to k learned projections of the keys/values along the sequence"
+
+    def check(self, target, params, ctx) -> None:
+        check_attention_target(self.name, target, ctx)
+        where = target.display
+        if getattr(target.module, "is_causal", False):
+            raise SurgeonError(
+                f"linformer: {where} is causal (decoder) attention; the sequence projection "
+                "would mix future tokens into every position"
+            )
+        if params.k <= 0:
+            raise SurgeonError(f"linformer: {where}: k must be positive, got {params.k}")
+        length = _max_length(params, ctx)
+        if length is None:
+            raise SurgeonError(
+                f"linformer: {where}: the model has no position limit; set max_length"
+            )
+        if length <= 0:
+            raise SurgeonError(f"linformer: {where}: max_length must be positive, got {length}")
+        if params.k > length:
+            raise SurgeonError(f"linformer: {where}: k={params.k} exceeds max_length={length}")
+        model_max = max_positions(ctx.model)
+        if model_max is not None and length < model_max:
+            raise SurgeonError(
+                f"linformer: {where}: max_length={length} is below the model's {model_max} "
+                "positions; inputs that long would not fit"
+            )
+
+    def apply(self, target, params, ctx) -> None:
+        length = _max_length(params, ctx)
+        dtype = next(target.module.parameters()).dtype
+        shared = ctx.state.get("linformer_proj") if params.share == "layer" else None
+        variant = LinformerAttention(
+            params.k, length, share=params.share, init=params.init, seed=params.seed,
+            dtype=dtype, shared=shared, where=target.display,
+        )  # fmt: skip
+        if params.share == "layer" and shared is None:
+            ctx.state["linformer_proj"] = variant.proj_k  # owned by the first layer
+        ctx.attach_attention(target, variant)
