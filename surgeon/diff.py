@@ -157,6 +157,15 @@ def check_base(manifest: dict, info: CheckpointInfo, diff_dir: str) -> None:
     raise CheckpointError(f"{diff_dir} was made on another base: {info.directory} has an extra tensor {extra[0]}")
 
 
+def check_stored_names(path: str, stored: set[str], expected: set[str]) -> None:
+    """A diff holds exactly what the re-applied recipe trains or adds: name the first outlier."""
+    missing, extra = sorted(expected - stored), sorted(stored - expected)
+    if missing:
+        raise CheckpointError(f"{path}: missing tensor {missing[0]} that the recipe makes trainable or adds")
+    if extra:
+        raise CheckpointError(f"{path}: unexpected tensor {extra[0]} that the recipe neither trains nor adds")
+
+
 def load_recipes(diff_dir: str, manifest: dict) -> list[Recipe]:
     recipes = []
     for file in manifest.get("recipes") or ["recipe.yaml"]:
@@ -193,12 +202,7 @@ def load(base_dir: str | None, diff_dir: str, *, allow_pickle: bool = False):
     state.update(dict(model.named_buffers()))
     try:
         with safe_open(path, framework="pt") as handle:
-            stored = set(handle.keys())
-            missing, extra = sorted(expected - stored), sorted(stored - expected)
-            if missing:
-                raise CheckpointError(f"{path}: missing tensor {missing[0]} that the recipe makes trainable or adds")
-            if extra:
-                raise CheckpointError(f"{path}: unexpected tensor {extra[0]} that the recipe neither trains nor adds")
+            check_stored_names(path, set(handle.keys()), expected)
             with torch.no_grad():
                 for name in sorted(expected):
                     tensor = handle.get_tensor(name)

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .checkpoint import INDEX, CheckpointInfo, build_meta_model, inspect_checkpoint
-from .diff import DIFF_FILE, check_base, load_recipes, read_manifest
+from .diff import DIFF_FILE, check_base, check_stored_names, load_recipes, read_manifest
 from .engine import Surgery, patch
 from .errors import CheckpointError, SurgeonError
 from .fsutil import atomic_dir, check_output
@@ -231,12 +231,7 @@ def open_meta_diff(diff_dir: str, base_dir: str | None = None) -> MetaDiff:
     expected = set(surgery.ledger.diff_names())
     try:
         with safe_open(path, framework="pt") as handle:
-            stored = set(handle.keys())
-            missing, extra = sorted(expected - stored), sorted(stored - expected)
-            if missing:
-                raise CheckpointError(f"{path}: missing tensor {missing[0]} that the recipe makes trainable or adds")
-            if extra:
-                raise CheckpointError(f"{path}: unexpected tensor {extra[0]} that the recipe neither trains nor adds")
+            check_stored_names(path, set(handle.keys()), expected)
             added = {name: handle.get_tensor(name) for name in meta.added_names()}
     except FileNotFoundError:
         raise CheckpointError(f"{diff_dir}: no {DIFF_FILE}") from None

@@ -445,8 +445,6 @@ def _ddp_worker(diff, data, out, record):
 
 @pytest.mark.xdist_group("ddp")
 def test_ddp_two_processes_identical_params_and_rank0_writes(tmp_path):
-    from accelerate import debug_launcher
-
     # headless BERT: MLM trains a scaffold head; the pooler's bias is trainable but unused by
     # MLM, so DDP must run with find_unused_parameters (the probe step detects it)
     base = make_base(tmp_path / "base", "bert-headless")
@@ -454,8 +452,17 @@ def test_ddp_two_processes_identical_params_and_rank0_writes(tmp_path):
     record = tmp_path / "record"
     record.mkdir()
     out = str(tmp_path / "out")
+    # Fork the two ranks from a fresh interpreter: forking a pytest worker whose OpenMP pool
+    # already ran (earlier tests) can deadlock the children in their first parallel op.
+    launch = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import test_train; "
+        "from accelerate import debug_launcher; "
+        "debug_launcher(test_train._ddp_worker, args=tuple(sys.argv[2:]), num_processes=2)"
+    )
+    args = [os.path.dirname(os.path.abspath(__file__)), diff, data_file(tmp_path), out, str(record)]
     with ddp_port_lock():
-        debug_launcher(_ddp_worker, args=(diff, data_file(tmp_path), out, str(record)), num_processes=2)
+        done = subprocess.run([sys.executable, "-c", launch, *args], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
     assert (record / "world-0.txt").read_text() == "2" and (record / "world-1.txt").read_text() == "2"
     p0, p1 = torch.load(record / "params-0.pt"), torch.load(record / "params-1.pt")
     assert p0.keys() == p1.keys() and p0
