@@ -86,6 +86,23 @@ def first_output(output) -> torch.Tensor:
     return output.last_hidden_state
 
 
+def random_qkv(b=2, h=4, h_kv=4, n=24, d=8, seed=0):
+    """float64 query (B, H, n, D) and key/value (B, H_kv, n, D) for kernel-vs-reference tests."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, n, d, generator=g, dtype=torch.float64)
+    k = torch.randn(b, h_kv, n, d, generator=g, dtype=torch.float64)
+    v = torch.randn(b, h_kv, n, d, generator=g, dtype=torch.float64)
+    return q, k, v
+
+
+def padding_mask(b, n, lengths):
+    """(B, n) bool, True = real token: row i has lengths[i] real tokens, then padding."""
+    mask = torch.zeros(b, n, dtype=torch.bool)
+    for i, length in enumerate(lengths):
+        mask[i, :length] = True
+    return mask
+
+
 @pytest.fixture
 def tiny_model_dir(tmp_path):
     """Factory: save a tiny model of `family` to a fresh directory; returns the path."""

@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import random_qkv
 
 from surgeon.attention.interface import dense_attention
 from surgeon.attention.kernels.latent import latent_attention, latent_cost
 
 
 def qkv(b=2, h=4, h_kv=4, n=24, d=8, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(b, h, n, d, generator=g, dtype=torch.float64)
-    k = torch.randn(b, h_kv, n, d, generator=g, dtype=torch.float64)
-    v = torch.randn(b, h_kv, n, d, generator=g, dtype=torch.float64)
-    return q, k, v
+    return random_qkv(b, h, h_kv, n, d, seed)
 
 
 def reference(q, k, v, z, mask, scale):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import padding_mask, random_qkv
 
 from surgeon.attention.interface import dense_attention
 from surgeon.attention.kernels.linformer import (
@@ -15,18 +16,7 @@ from surgeon.attention.kernels.linformer import (
 
 
 def qkv(b=2, h=4, h_kv=4, n=24, d=8, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(b, h, n, d, generator=g, dtype=torch.float64)
-    k = torch.randn(b, h_kv, n, d, generator=g, dtype=torch.float64)
-    v = torch.randn(b, h_kv, n, d, generator=g, dtype=torch.float64)
-    return q, k, v
-
-
-def padding(b, n, lengths):
-    mask = torch.zeros(b, n, dtype=torch.bool)
-    for i, length in enumerate(lengths):
-        mask[i, :length] = True
-    return mask
+    return random_qkv(b, h, h_kv, n, d, seed)
 
 
 def reference(q, k, v, e, f, mask, scale):
@@ -53,7 +43,7 @@ def test_identity_projection_is_dense():
 
 def test_identity_projection_with_padding_is_dense_with_padding():
     q, k, v = qkv(n=24)
-    mask = padding(2, 24, [24, 13])
+    mask = padding_mask(2, 24, [24, 13])
     eye = torch.eye(24, dtype=torch.float64)
     out = linformer_attention(q, k, v, eye, eye, key_padding_mask=mask, scaling=0.3)
     ref = dense_attention(q, k, v, key_padding_mask=mask, scaling=0.3, dropout=0.0, causal=False)
@@ -66,7 +56,7 @@ def test_matches_formula_random_projections_gqa_padding(h_kv, lengths):
     q, k, v = qkv(h_kv=h_kv, n=20)
     g = torch.Generator().manual_seed(3)
     e, f = random_projection(6, 32, generator=g).double(), random_projection(6, 32, generator=g).double()
-    mask = padding(2, 20, lengths)
+    mask = padding_mask(2, 20, lengths)
     out = linformer_attention(q, k, v, e, f, key_padding_mask=mask, scaling=0.25)
     torch.testing.assert_close(out, reference(q, k, v, e, f, mask, 0.25), rtol=1e-10, atol=1e-10)
 
@@ -76,7 +66,7 @@ def test_short_input_uses_first_columns_and_masks_empty_segments():
     q, k, v = qkv(n=22)
     e = segment_mean_projection(16, 64).double()
     out = linformer_attention(q, k, v, e, e, key_padding_mask=None, scaling=0.35)
-    full = padding(2, 22, [22, 22])
+    full = padding_mask(2, 22, [22, 22])
     torch.testing.assert_close(out, reference(q, k, v, e, e, full, 0.35), rtol=1e-10, atol=1e-10)
     assert torch.isfinite(out).all()
 
@@ -86,7 +76,7 @@ def test_padding_is_invisible_to_real_tokens():
     q, k, v = qkv(b=1, n=30)
     e = segment_mean_projection(8, 40).double()
     real = 19
-    mask = padding(1, 30, [real])
+    mask = padding_mask(1, 30, [real])
     k2, v2 = k.clone(), v.clone()
     k2[:, :, real:] = 1e3
     v2[:, :, real:] = -1e3
@@ -120,7 +110,7 @@ def test_cost_is_linear_in_n():
 
 def test_gradients_reach_the_projections():
     q, k, v = qkv(n=20)
-    mask = padding(2, 20, [20, 9])
+    mask = padding_mask(2, 20, [20, 9])
     g = torch.Generator().manual_seed(4)
     e0, f0 = random_projection(5, 24, generator=g).double(), random_projection(5, 24, generator=g).double()
     grads = []

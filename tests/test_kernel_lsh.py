@@ -10,24 +10,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import padding_mask, random_qkv
 
 from surgeon.attention.interface import dense_attention
 from surgeon.attention.kernels.lsh import lsh_attention, lsh_cost, lsh_orders
 
 
 def qkv(b=2, h=3, h_kv=3, n=50, d=8, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(b, h, n, d, generator=g, dtype=torch.float64)
-    k = torch.randn(b, h_kv, n, d, generator=g, dtype=torch.float64)
-    v = torch.randn(b, h_kv, n, d, generator=g, dtype=torch.float64)
-    return q, k, v
-
-
-def padding(b, n, lengths):
-    mask = torch.zeros(b, n, dtype=torch.bool)
-    for i, length in enumerate(lengths):
-        mask[i, :length] = True
-    return mask
+    return random_qkv(b, h, h_kv, n, d, seed)
 
 
 def met_pairs(orders, bucket_size, n):
@@ -56,7 +46,7 @@ def restricted_dense(q, k, v, allowed, scale):
 @pytest.mark.parametrize("h_kv", [3, 1])
 def test_one_chunk_is_dense(lengths, h_kv):
     q, k, v = qkv(h_kv=h_kv)
-    mask = None if lengths is None else padding(2, 50, lengths)
+    mask = None if lengths is None else padding_mask(2, 50, lengths)
     out = lsh_attention(q, k, v, n_hashes=3, bucket_size=64, seed=1, key_padding_mask=mask, scaling=0.35)
     ref = dense_attention(q, k, v, key_padding_mask=mask, scaling=0.35, dropout=0.0, causal=False)
     rows = slice(None) if lengths is None else slice(0, 31)  # padded query rows are unspecified
@@ -75,7 +65,7 @@ def test_two_chunks_are_dense():
 @pytest.mark.parametrize("h_kv", [3, 1])
 def test_equals_dense_restricted_to_the_pairs_that_met(n_hashes, bucket_size, lengths, h_kv):
     q, k, v = qkv(h_kv=h_kv)
-    mask = None if lengths is None else padding(2, 50, lengths)
+    mask = None if lengths is None else padding_mask(2, 50, lengths)
     kw = dict(n_hashes=n_hashes, bucket_size=bucket_size, seed=7, key_padding_mask=mask)
     out = lsh_attention(q, k, v, scaling=0.4, **kw)
     allowed = met_pairs(lsh_orders(q, k.repeat_interleave(3 // h_kv, 1), **kw), bucket_size, 50)
@@ -90,7 +80,7 @@ def test_equals_dense_restricted_to_the_pairs_that_met(n_hashes, bucket_size, le
 
 def test_padded_keys_never_attended():
     q, k, v = qkv(b=1, n=64)
-    mask = padding(1, 64, [41])
+    mask = padding_mask(1, 64, [41])
     k2, v2 = k.clone(), v.clone()
     k2[:, :, 41:], v2[:, :, 41:] = 30.0, 1e4
     kw = dict(n_hashes=3, bucket_size=8, seed=2, key_padding_mask=mask, scaling=0.3)
@@ -163,7 +153,7 @@ def test_gradients_match_the_restricted_dense_reference():
     # Training through LSH: the merge of rounds depends on each round's log-sum-exp, so its
     # gradient must reach Q and K too (the fused kernel's backward alone would drop it).
     q, k, v = qkv(n=40)
-    mask = padding(2, 40, [40, 29])
+    mask = padding_mask(2, 40, [40, 29])
     kw = dict(n_hashes=3, bucket_size=8, seed=1, key_padding_mask=mask)
     weight = torch.randn(2, 3, 40, 8, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
     weight = weight * mask[:, None, :, None]  # padded query rows are unspecified
