@@ -40,17 +40,24 @@ class CheckpointInfo:
         return hashlib.sha256(text.encode()).hexdigest()
 
 
-def read_config(directory: str) -> dict:
+def read_json_in(directory: str, name: str, what: str) -> dict:
+    """Read `directory/name`; each failure is one CheckpointError saying which file and why.
+    `what` names the directory kind, e.g. "a Hugging Face model directory"."""
     if not os.path.isdir(directory):
-        raise CheckpointError(f"{directory}: model directory not found")
-    path = os.path.join(directory, CONFIG)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{directory}: no config.json: not a Hugging Face model directory")
+        raise CheckpointError(f"{directory}: directory not found")
+    path = os.path.join(directory, name)
     try:
         with open(path, encoding="utf-8") as handle:
-            config = json.load(handle)
+            return json.load(handle)
+    except FileNotFoundError:
+        raise CheckpointError(f"{directory}: no {name}: not {what}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+
+
+def read_config(directory: str) -> dict:
+    config = read_json_in(directory, CONFIG, "a Hugging Face model directory")
+    path = os.path.join(directory, CONFIG)
     if not isinstance(config, dict) or "model_type" not in config:
         raise CheckpointError(f"{path}: no model_type: not a transformers config")
     return config

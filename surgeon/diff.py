@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from . import __version__
-from .checkpoint import CheckpointInfo, inspect_checkpoint, load_model
+from .checkpoint import CheckpointInfo, inspect_checkpoint, load_model, read_json_in
 from .engine import patch, surgery_of, tensor_hash
 from .errors import CheckpointError, SurgeonError
 from .fsutil import atomic_dir
@@ -121,15 +121,7 @@ def _spec(dtype: str, shape) -> str:
 
 def read_manifest(diff_dir: str) -> dict:
     path = os.path.join(diff_dir, MANIFEST)
-    if not os.path.isdir(diff_dir):
-        raise CheckpointError(f"{diff_dir}: diff directory not found")
-    try:
-        with open(path, encoding="utf-8") as handle:
-            manifest = json.load(handle)
-    except FileNotFoundError:
-        raise CheckpointError(f"{diff_dir}: no manifest.json: not a surgeon diff") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+    manifest = read_json_in(diff_dir, MANIFEST, "a surgeon diff")
     if manifest.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a surgeon diff manifest")
     if manifest.get("format_version", 0) > FORMAT_VERSION:

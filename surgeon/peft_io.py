@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .checkpoint import build_meta_model, inspect_checkpoint
+from .checkpoint import build_meta_model, inspect_checkpoint, read_json_in
 from .errors import CheckpointError, SurgeonError
 from .export import LORA_MARK, MetaDiff, open_meta_diff
 from .fsutil import atomic_dir, check_output
@@ -225,16 +225,8 @@ def read_peft(peft_dir: str) -> tuple[dict, dict[str, torch.Tensor]]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    if not os.path.isdir(peft_dir):
-        raise CheckpointError(f"{peft_dir}: PEFT adapter directory not found")
     path = os.path.join(peft_dir, PEFT_CONFIG)
-    try:
-        with open(path, encoding="utf-8") as handle:
-            config = json.load(handle)
-    except FileNotFoundError:
-        raise CheckpointError(f"{peft_dir}: no {PEFT_CONFIG}: not a PEFT adapter directory") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+    config = read_json_in(peft_dir, PEFT_CONFIG, "a PEFT adapter directory")
     if config.get("peft_type") != "LORA":
         raise SurgeonError(f"{path}: peft_type is {config.get('peft_type')!r}; only LORA adapters can be imported")
     for key, allowed in _UNSUPPORTED.items():

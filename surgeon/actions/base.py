@@ -8,7 +8,7 @@ report and the diff (which both read the ledger) cannot disagree with the model.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 import pydantic
@@ -75,5 +75,4 @@ class ActionInfo:
 
     name: str
     action_class: type[Action]
-    origin: str  # "surgeon (built-in)" or "plugin <dist> (<entry point value>)"
-    extra: dict = field(default_factory=dict)
+    origin: str  # "<distribution> (<entry point value>)"
