@@ -155,7 +155,7 @@ def test_report_cost_uses_the_variant():
 @pytest.mark.parametrize("do,params,message", [
     ("linformer", {"k": 0}, "k must be positive"),
     ("linformer", {"k": 65}, "k=65 exceeds max_length=64"),
-    ("linformer", {"k": 8, "max_length": 32}, "max_length=32 is below the model's 64 positions"),
+    ("linformer", {"k": 8, "max_length": 0}, "max_length must be positive"),
     ("latent", {"m": 0}, "m must be positive"),
     ("lsh", {"n_hashes": 0}, "n_hashes must be positive"),
     ("lsh", {"bucket_size": -4}, "bucket_size must be positive"),
@@ -197,13 +197,10 @@ def test_t5_position_bias_refused_at_run_time():
 
 
 def test_linformer_too_long_input_refused_at_run_time():
-    # Only reachable when the position table was grown after the Linformer rule.
+    # max_length below the model's positions: the module takes inputs up to max_length only
     model = tiny_model("bert")
-    surgeon.patch(model, recipe("linformer", k=8))
-    module = model.encoder.layer[0].attention.self
-    q = torch.randn(1, 4, 70, 8)
-    message = "encoder.layer.0.attention.self: input of 70 tokens exceeds max_length 64"
-    with pytest.raises(SurgeonError, match=message):
-        module.surgeon_attention.forward_attention(
-            module, q, q, q, key_padding_mask=None, scaling=1.0, dropout=0.0, causal=False
-        )
+    surgery = surgeon.patch(model, recipe("linformer", k=8, max_length=32))
+    assert any("inputs over max_length=32 tokens are refused" in n for r in surgery.ledger.rules for n in r.notes)
+    run(model, tiny_inputs("bert", seq=32))
+    with pytest.raises(SurgeonError, match="encoder.layer.0.attention.self: input of 40 tokens exceeds max_length 32"):
+        run(model, tiny_inputs("bert", seq=40))

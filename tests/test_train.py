@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import math
 import os
 import signal
 import string
@@ -188,6 +189,49 @@ def test_distill_pulls_student_back_to_teacher(tmp_path, final, attn_weight):
     assert hooks(result.model) == hooks(start)
 
 
+def test_layerwise_distill_feeds_teacher_inputs_and_calibrates_each_layer(tmp_path):
+    from surgeon.train.objectives import DistillObjective
+
+    base = make_base(tmp_path / "base")
+    teacher, _ = surgeon.load_model(base)
+    ids = torch.randint(5, 80, (2, 32), generator=torch.Generator().manual_seed(3))
+
+    def layer_outputs(model, layerwise):  # each attention module's output, and the task's loss
+        task = DistillObjective(model, teacher, layerwise=layerwise)
+        seen = {}
+        hooks = [model.get_submodule(p).register_forward_hook(lambda m, a, o, p=p: seen.__setitem__(p, o[0]))
+                 for p in task.paths]  # fmt: skip
+        with torch.no_grad():
+            targets = task.inputs(ids, torch.Generator())
+            loss = task(**targets).item()
+        for h in hooks:
+            h.remove()
+        task.close()
+        return task.paths, seen, targets, loss
+
+    # only layer 0 differs from the teacher: with the teacher's input forced, layer 1 matches
+    # exactly; end to end, layer 1 sees layer 0's error
+    lora0 = [{"do": "lora", "select": {"role": "attn.q", "layers": 0}, "with": {"r": 4}}]
+    student = surgeon.load(base, make_diff(base, str(tmp_path / "l0"), lora0, perturb=0.5))
+    paths, seen, targets, _ = layer_outputs(student, layerwise=True)
+    error = lambda i: (seen[paths[i]] - targets[f"attn_{i}"]).abs().max().item()  # noqa: E731
+    assert error(0) > 1e-4 and error(1) < 1e-7
+    paths, seen, targets, _ = layer_outputs(student, layerwise=False)
+    assert error(1) > 1e-5
+
+    rules = [{"do": "sliding_window", "select": {"role": "attn"}, "with": {"window": 4}},
+             {"do": "lora", "select": {"role": ["attn.q", "attn.k", "attn.v"]}, "with": {"r": 4}}]  # fmt: skip
+    diff = make_diff(base, str(tmp_path / "d"), rules, perturb=0.3)
+    start = surgeon.load(base, diff)
+    loss0 = layer_outputs(start, layerwise=True)[3]
+    result = train(diff, [data_file(tmp_path)], out_dir=str(tmp_path / "out"), objective="distill", steps=40,
+                   lr=1e-2, layerwise=True, **FAST)  # fmt: skip
+    assert _mean(result.losses[-5:]) < 0.5 * _mean(result.losses[:5]), result.losses
+    assert layer_outputs(result.model, layerwise=True)[3] < 0.5 * loss0
+    hooks = lambda model: sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())  # noqa: E731
+    assert hooks(result.model) == hooks(start)
+
+
 def _registered(name: str) -> bool:
     from surgeon import registry
 
@@ -210,6 +254,37 @@ def test_distill_compares_only_patched_attention(tmp_path):
     result = train(diff, [data_file(tmp_path)], out_dir=str(tmp_path / "out"), objective="distill", steps=25,
                    lr=1e-2, **FAST)  # fmt: skip
     assert result.losses[0] > 0 and _mean(result.losses[-5:]) < _mean(result.losses[:5])
+
+
+@pytest.mark.parametrize("variant", [
+    {"do": "sliding_window", "with": {"window": 8, "global_tokens": [0]}},
+    {"do": "blockwise", "with": {"block_size": 8}},
+    {"do": "linformer", "with": {"k": 8, "max_length": 32}},
+    {"do": "latent", "with": {"m": 8}},
+    {"do": "lsh", "with": {"n_hashes": 2, "bucket_size": 8}},
+], ids=lambda v: v["do"])  # fmt: skip
+def test_bf16_mixed_precision_distills_every_attention_variant(tmp_path, variant):
+    base = make_base(tmp_path / "base")
+    rules = [{**variant, "select": {"role": "attn"}}, {"do": "lora", "select": {"role": "attn.q"}, "with": {"r": 4}}]
+    diff = make_diff(base, str(tmp_path / "d"), rules, perturb=0.3)  # distillation must undo the perturbation
+    start = _params(surgeon.load(base, diff))
+    result = train(diff, [data_file(tmp_path)], out_dir=str(tmp_path / "out"), objective="distill", steps=30,
+                   lr=1e-2, mixed_precision="bf16", **FAST)  # fmt: skip
+    assert all(math.isfinite(x) for x in result.losses)
+    assert _mean(result.losses[-5:]) < _mean(result.losses[:5]), result.losses
+    trained = dict(result.model.named_parameters())
+    changed = [n for n, p in trained.items() if p.requires_grad and not torch.equal(p.detach(), start[n])]
+    assert changed and all(trained[n].dtype == torch.float32 for n in changed)  # master weights stay fp32
+
+
+def test_mixed_precision_is_applied_and_must_be_known(tmp_path):
+    base = make_base(tmp_path / "base")
+    diff = make_diff(base, str(tmp_path / "d"), BITFIT_ATTN, perturb=0.5)
+    first = {mode: train(diff, [data_file(tmp_path)], out_dir=str(tmp_path / mode), objective="distill", steps=1,
+                         mixed_precision=mode, **FAST).losses[0] for mode in ("no", "bf16")}  # fmt: skip
+    assert first["no"] != first["bf16"] and first["bf16"] == pytest.approx(first["no"], rel=0.05)
+    with pytest.raises(SurgeonError, match="mixed-precision must be one of no, bf16, got 'fp8'"):
+        train(diff, [data_file(tmp_path)], out_dir=str(tmp_path / "o"), mixed_precision="fp8", **FAST)
 
 
 # ---- checkpoints, resume, interruption ------------------------------------------------------

@@ -6,7 +6,10 @@ the report and the diff. `init: segment_mean` starts E = F as "first token alone
 pooling over k-1 equal segments of the other positions", so the untrained model is already a
 coarse approximation (MiniLM, 256 tokens: embedding cosine 0.73 at k=64, 0.78 at k=128 — it is
 meant to be trained); `random` is the reference implementation's uniform init. The segments span
-max_length (default: the model's max positions), so shorter inputs fill only the first slots.
+max_length (default: the model's max positions), so shorter inputs fill only the first slots: a
+model run at one length (the paper's setting) should set `max_length` to it — at 256 tokens
+on a 512-position model, the default leaves half of the k slots empty. Inputs longer than
+max_length are refused at run time with an error naming the module.
 Causal modules are refused: the projection mixes future tokens into every slot.
 """
 
@@ -26,7 +29,7 @@ class LinformerParams(pydantic.BaseModel):
     model_config = params_config()
 
     k: int  # projected length; cost O(n·k)
-    max_length: int | None = None  # columns of E, F; default: the model's max positions
+    max_length: int | None = None  # columns of E, F = longest input; default: the model's max positions
     share: Literal["none", "kv", "layer"] = "none"  # Linformer §4 sharing: F = E, one E for all layers
     init: Literal["segment_mean", "random"] = "segment_mean"
     seed: int = 0  # for init: random
@@ -60,12 +63,6 @@ class Linformer(Action):
             raise SurgeonError(f"linformer: {where}: max_length must be positive, got {length}")
         if params.k > length:
             raise SurgeonError(f"linformer: {where}: k={params.k} exceeds max_length={length}")
-        model_max = max_positions(ctx.model)
-        if model_max is not None and length < model_max:
-            raise SurgeonError(
-                f"linformer: {where}: max_length={length} is below the model's {model_max} "
-                "positions; inputs that long would not fit"
-            )
 
     def apply(self, target, params, ctx) -> None:
         length = _max_length(params, ctx)
@@ -78,3 +75,6 @@ class Linformer(Action):
         if params.share == "layer" and shared is None:
             ctx.state["linformer_proj"] = variant.proj_k  # owned by the first layer
         ctx.attach_attention(target, variant)
+        model_max = max_positions(ctx.model)
+        if model_max is not None and length < model_max:
+            ctx.note(f"{target.display}: inputs over max_length={length} tokens are refused (the model takes {model_max})")

@@ -35,9 +35,10 @@ STATE = "state.json"
 TRAINABLE = "trainable.safetensors"
 OPTIMIZER = "optimizer.pt"
 SCHEDULER = "scheduler.pt"
+MIXED_PRECISION = ("no", "bf16")
 # a resumed run must agree with its checkpoint on these (steps may grow: the schedule follows)
 SAME_ON_RESUME = ("objective", "seq_len", "batch_size", "world", "lr", "seed", "data_sha256", "final", "final_weight",
-                  "attn_weight")
+                  "attn_weight", "layerwise")
 
 
 class TrainingInterrupted(SurgeonError):
@@ -127,7 +128,7 @@ class _StopFlag:
 
 
 def build_objective(objective: str, model, tokenizer, base_dir: str, *, final: str, final_weight: float,
-                    attn_weight: float = 1.0, allow_pickle: bool = False):  # fmt: skip
+                    attn_weight: float = 1.0, layerwise: bool = False, allow_pickle: bool = False):  # fmt: skip
     if objective == "clm":
         return ClmObjective(model, tokenizer)
     if objective == "mlm":
@@ -136,7 +137,8 @@ def build_objective(objective: str, model, tokenizer, base_dir: str, *, final: s
 
     teacher, _ = load_model(base_dir, allow_pickle=allow_pickle)
     teacher.requires_grad_(False).eval()
-    return DistillObjective(model, teacher, final=final, final_weight=final_weight, attn_weight=attn_weight)
+    return DistillObjective(model, teacher, final=final, final_weight=final_weight, attn_weight=attn_weight,
+                            layerwise=layerwise)
 
 
 def train(
@@ -166,6 +168,8 @@ def train(
     callback=None,
     allow_pickle: bool = False,
     time_limit: float | None = None,
+    mixed_precision: str = "no",
+    layerwise: bool = False,
 ) -> TrainResult:
     """Train the diff in `diff_dir` on `data_files`; write the trained diff to `out_dir`.
 
@@ -175,6 +179,11 @@ def train(
     time_limit (seconds of this call's loop): stop at the first step boundary past it and write
     the diff as if the run had ended there; the learning-rate decay then follows whichever of
     steps or time is further along (so such runs are not bit-reproducible on resume).
+    mixed_precision: "no" or "bf16" — forward passes (student and distillation teacher) under
+    bf16 autocast through accelerate; weights, gradients and optimizer state stay fp32. On CPUs
+    with AVX512-BF16 or AMX this makes a step about 1.5× faster.
+    layerwise (distill): feed each patched attention module the teacher's input and match its
+    output there — layers calibrate independently; final/attn_weight do not apply.
     """
     from accelerate import Accelerator, PartialState
     from accelerate.utils import DistributedDataParallelKwargs
@@ -188,6 +197,8 @@ def train(
             raise SurgeonError(f"train: {name} must be an integer ≥ {low}, got {value!r}")
     if not lr > 0:
         raise SurgeonError(f"train: lr must be positive, got {lr}")
+    if mixed_precision not in MIXED_PRECISION:
+        raise SurgeonError(f"train: mixed-precision must be one of {', '.join(MIXED_PRECISION)}, got {mixed_precision!r}")
     if save_every is not None and save_every < 1:
         raise SurgeonError(f"train: save-every must be ≥ 1, got {save_every}")
     if isinstance(data_files, (str, os.PathLike)):
@@ -232,7 +243,7 @@ def train(
     sequences = pack(tokenizer, data_files, seq_len)
     torch.manual_seed(seed)  # a scaffold head's random init is part of the run's identity
     task = build_objective(objective, model, tokenizer, base_dir, final=final, final_weight=final_weight,
-                           attn_weight=attn_weight, allow_pickle=allow_pickle)  # fmt: skip
+                           attn_weight=attn_weight, layerwise=layerwise, allow_pickle=allow_pickle)  # fmt: skip
     names = [n for n, p in task.named_parameters() if p.requires_grad]
     params = [p for _, p in task.named_parameters() if p.requires_grad]
     student_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -257,6 +268,7 @@ def train(
         "seed": seed, "data_sha256": fingerprint(data_files), "final": final if objective == "distill" else None,
         "final_weight": final_weight if objective == "distill" else None,
         "attn_weight": attn_weight if objective == "distill" else None, "steps": steps,
+        "layerwise": layerwise if objective == "distill" else None,
         "diff_dir": os.path.abspath(diff_dir), "base_dir": os.path.abspath(base_dir),
     }  # fmt: skip
 
@@ -275,6 +287,9 @@ def train(
     if objective == "distill":
         task.teacher[0].to(accelerator.device)
     wrapped, optimizer = accelerator.prepare(task, optimizer)
+    # autocast here rather than Accelerator(mixed_precision=...): accelerate's process-wide state
+    # fixes the precision at the first Accelerator, so a second train() call could not change it
+    autocast = torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=mixed_precision == "bf16")
 
     result = TrainResult(os.path.abspath(out_dir), steps, start)
     flag = _StopFlag()
@@ -296,8 +311,9 @@ def train(
                     break
                 torch.manual_seed(_step_seed(seed, step, rank))
                 generator = torch.Generator().manual_seed(_step_seed(seed + 1, step, rank))
-                inputs = task.inputs(batches.batch(step).to(accelerator.device), generator)
-                loss = wrapped(**inputs)
+                with autocast:  # teacher and student alike
+                    inputs = task.inputs(batches.batch(step).to(accelerator.device), generator)
+                    loss = wrapped(**inputs)
                 accelerator.backward(loss)
                 if max_grad_norm:
                     accelerator.clip_grad_norm_(params, max_grad_norm)
