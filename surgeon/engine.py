@@ -95,6 +95,7 @@ def patch(model: nn.Module, recipe: Recipe | dict | str) -> Surgery:
 def _plan(recipe: Recipe, model_map: ModelMap, ctx: SurgeryContext, surgery: Surgery):
     problems: list[str] = []
     plan = []
+    ctx.planned = plan  # grows rule by rule: a check sees the rules before its own
     for rule in recipe.rules:
         action = registry.get(rule.do).action_class()
         targets = model_map.select(rule.select)

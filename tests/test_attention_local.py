@@ -214,6 +214,25 @@ def test_extend_positions_tiles_table(family, table, offset):
     assert torch.isfinite(out[0]).all()
 
 
+def test_extend_positions_refuses_a_table_that_lora_already_adapts():
+    # LoRA's factor on an embedding has one row per position: extending under it broke the
+    # forward (index out of range); now the order is refused up front, in either recipe layout
+    lora = {"do": "lora", "select": {"role": "embed"}, "with": {"r": 4}}
+    extend = {"do": "extend_positions", "select": {"role": "embed"}, "with": {"length": 150}}
+    model = tiny_model("gpt2")
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    with pytest.raises(SurgeonError, match=r"transformer.wpe already has a LoRA adapter \(rule 1\)"):
+        surgeon.patch(model, {"surgeon": 1, "rules": [lora, extend]})
+    assert all(torch.equal(before[n], p) for n, p in model.state_dict().items())  # nothing applied
+    surgeon.patch(model, {"surgeon": 1, "rules": [lora]})
+    with pytest.raises(SurgeonError, match="already has a LoRA adapter \\(from an earlier recipe\\)"):
+        surgeon.patch(model, {"surgeon": 1, "rules": [extend]})
+    ok = tiny_model("gpt2")  # extend first, then adapt the longer table: works
+    surgeon.patch(ok, {"surgeon": 1, "rules": [extend, lora]})
+    with torch.no_grad():
+        assert torch.isfinite(ok(input_ids=torch.randint(3, 90, (1, 140)))[0]).all()
+
+
 def test_extend_then_sliding_window_on_long_input():
     model = tiny_model("bert")
     surgeon.patch(model, {"surgeon": 1, "rules": [

@@ -56,6 +56,19 @@ def tiled(weight: torch.Tensor, offset: int, rows: int) -> torch.Tensor:
     return torch.cat([weight[:offset], body]).clone()
 
 
+def _lora_rule_on(path: str, table: nn.Embedding, ctx) -> str | None:
+    """Which LoRA adapts `table` — from an earlier patch, or an earlier rule of this recipe
+    (checked before it is applied) — if any: its low-rank factor has one row per position."""
+    from ..lora.host import LoraHost
+
+    if LoraHost.on(table) is not None:
+        return "from an earlier recipe"
+    for rule, _, targets in ctx.planned:
+        if rule.do == "lora" and any(t.path == path for t in targets):
+            return f"rule {rule.index + 1}"
+    return None
+
+
 class ExtendPositions(Action):
     name = "extend_positions"
     Params = ExtendPositionsParams
@@ -70,6 +83,12 @@ class ExtendPositions(Action):
                 f"{shown}; rotary or relative positions need no extension"
             )
         for path, table in tables:
+            lora = _lora_rule_on(path, table, ctx)
+            if lora:
+                raise SurgeonError(
+                    f"extend_positions: {path} already has a LoRA adapter ({lora}) sized for its "
+                    f"{table.num_embeddings} rows; put the extend_positions rule before the lora rule"
+                )
             if params.length <= table.num_embeddings - _offset(table):
                 raise SurgeonError(
                     f"extend_positions: {path} already covers {table.num_embeddings - _offset(table)} "
