@@ -7,9 +7,9 @@ Text: held-out real prose, the docstrings of Python 3.11 standard-library module
 `MODULES` (module, class and function docstrings, in source order), tokenised as one stream and
 cut into windows of 256 tokens ([CLS] … [SEP]). Metric: cosine between the mean-pooled,
 L2-normalised sentence embedding of the patched model and of the dense model, averaged over
-windows. Linformer uses its segment-mean initialisation (max_length = the model's 512
-positions, so at 256 tokens only the first half of the k segments hold tokens); latent uses its
-random latents; both are meant to be trained (the `train` issue). LSH is zero-shot by design:
+windows. Linformer uses its segment-mean initialisation with max_length = 256, the sequence
+length (with the default, the model's 512 positions, only the first half of the k segments
+would hold tokens); latent uses its random latents; both are meant to be trained (the `train` issue). LSH is zero-shot by design:
 its fidelity must rise with the number of hashes. Writes benchmarks/results/quality_compressed.json.
 """
 
@@ -34,8 +34,8 @@ MODULES = [
 ]  # fmt: skip
 
 CASES = [
-    ("linformer k=64", "linformer", {"k": 64}),
-    ("linformer k=128", "linformer", {"k": 128}),
+    ("linformer k=64", "linformer", {"k": 64, "max_length": SEQ}),
+    ("linformer k=128", "linformer", {"k": 128, "max_length": SEQ}),
     ("latent m=64", "latent", {"m": 64}),
     ("latent m=64, keys=latents", "latent", {"m": 64, "summary_keys": "latent"}),
     ("lsh 2 hashes, bucket 32", "lsh", {"n_hashes": 2, "bucket_size": 32}),

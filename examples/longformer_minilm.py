@@ -79,6 +79,7 @@ def main() -> None:
 
     command = [sys.executable, "-m", "surgeon", "train", converted, "--data", data, "--objective", "mlm",
                "--seq-len", str(length), "--batch-size", "1", "--steps", str(steps), "--lr", "5e-4",
+               "--mixed-precision", "bf16",
                "--save-every", str(max(1, steps // 4)), "-o", os.path.join(work, "trained"), "--force"]  # fmt: skip
     print("$ surgeon " + " ".join(command[3:]), flush=True)
     subprocess.run(command, check=True)
