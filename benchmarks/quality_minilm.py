@@ -44,6 +44,31 @@ MODULES = [
 SETTINGS = [(64, False), (128, False), (64, True), (128, True)]  # window (±w/2), global [CLS]
 
 
+class BandReference:
+    """Dense float64 attention with an explicit (n × n) band mask: query p attends key k iff
+    |p - k| <= window // 2, or either is position 0 when [CLS] is global — the reference that
+    ../shared/DESIGN.md §2 measured. It builds the n×n scores on purpose; it is only a check."""
+
+    name = "band_reference"
+
+    def __init__(self, window: int, global_cls: bool):
+        self.window, self.global_cls = window, global_cls
+
+    def forward_attention(self, module, query, key, value, *, key_padding_mask, scaling, dropout, causal, **kwargs):
+        n = key.shape[2]
+        pos = torch.arange(n, device=key.device)
+        allowed = (pos[:, None] - pos[None, :]).abs() <= self.window // 2  # (n, n)
+        if self.global_cls:
+            allowed[0, :] = True
+            allowed[:, 0] = True
+        mask = allowed[None, None]  # (1, 1, n, n)
+        if key_padding_mask is not None:
+            mask = mask & key_padding_mask[:, None, None, :]
+        scores = query.double() @ key.double().transpose(-1, -2) * scaling  # (B, H, n, n)
+        probs = scores.masked_fill(~mask, float("-inf")).softmax(-1).nan_to_num(0.0)
+        return (probs @ value.double()).to(query.dtype)  # (B, H, n, D)
+
+
 def stdlib_texts() -> list[str]:
     texts = []
     for name in MODULES:

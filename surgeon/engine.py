@@ -13,7 +13,7 @@ from . import registry
 from .context import SurgeryContext
 from .errors import SurgeonError
 from .ledger import Ledger, RuleRecord
-from .modelmap import ModelMap, Target
+from .modelmap import ModelMap
 from .recipe import Recipe, RuleSpec, load_recipe
 
 SURGERY_ATTR = "_surgeon_surgery"

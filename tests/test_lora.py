@@ -85,7 +85,7 @@ def test_modules_match_float64_reference(case):
 
 
 def test_gpt2_slices_leave_k_third_alone():
-    model, inputs = tiny_model("gpt2"), tiny_inputs("gpt2")
+    model = tiny_model("gpt2")
     c_attn = model.transformer.h[0].attn.c_attn
     x = torch.randn(2, 4, c_attn.weight.shape[0])
     before = c_attn(x).detach()

@@ -23,7 +23,6 @@ longer in the pretrained key space, so it is only sensible once trained.
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 

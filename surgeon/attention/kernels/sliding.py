@@ -199,7 +199,7 @@ def _band(q, k, v, keys_ok, lo, hi, q0, scale, dropout, block_size, lse_grad=Fal
     runs = _runs(interior.tolist())
     if len(runs) > 8:  # ragged padding: fewer, bigger calls beat many strided ones
         runs, interior = [], torch.zeros_like(interior)
-    kst, vst, qst = k.stride(), v.stride(), q.stride()
+    kst, vst = k.stride(), v.stride()
     for a, z in runs:
         m, s = z - a, int(starts[a])
         # (m, Hg, L, D): strip of block a+i starts at key s + i*c — overlapping views, no copy
@@ -263,7 +263,7 @@ def _add_global_keys(o, lse, q, k, v, glob, causal, q0, scale, dropout, inplace)
 
 def _global_queries(o, q, k, v, glob, pad, causal, q0, scale, dropout, inplace):
     """Global queries attend every (real, causally visible) key: overwrite their rows."""
-    n_q, n_k = q.shape[1], k.shape[1]
+    n_k = k.shape[1]
     g_pos = glob[q0:].nonzero().flatten()  # query indices that are global
     if len(g_pos) == 0:
         return o
