@@ -180,7 +180,7 @@ def train(
     the diff as if the run had ended there; the learning-rate decay then follows whichever of
     steps or time is further along (so such runs are not bit-reproducible on resume).
     mixed_precision: "no" or "bf16" — forward passes (student and distillation teacher) under
-    bf16 autocast through accelerate; weights, gradients and optimizer state stay fp32. On CPUs
+    `torch.autocast` in bf16; weights, gradients and optimizer state stay fp32. On CPUs
     with AVX512-BF16 or AMX this makes a step about 1.5× faster.
     layerwise (distill): feed each patched attention module the teacher's input and match its
     output there — layers calibrate independently; final/attn_weight do not apply.

@@ -15,8 +15,9 @@ teacher's forward — happens in `inputs(ids, generator)`, outside the DDP wrapp
   `layerwise`: each patched attention module is fed the *teacher's* input to that module, so
   every layer learns to reproduce the teacher's attention output on its own, without the
   errors of the layers below (the "attention transfer" stage of LoLCATs, Zhang et al. 2024).
-  The loss is then the layer terms alone. A layerwise stage followed by an end-to-end stage
-  (e.g. `final: pooled`) converges faster than end-to-end training alone.
+  The loss is then the layer terms alone. Meant as a first stage before an end-to-end one
+  (e.g. `final: pooled`); on the MiniLM fidelity cases (benchmarks/fidelity.py) it did not beat
+  end-to-end training alone.
 - `mlm`: BERT masking (Devlin et al. 2019): 15 % of non-special tokens; of those 80 % →
   mask token, 10 % → random token, 10 % unchanged.
 - `clm`: next-token prediction (labels = inputs; the model shifts them).
