@@ -148,6 +148,29 @@ def test_decode_queries_are_last_positions(n_q, dilation):
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("pad_side", [None, "left", "right"])
+@pytest.mark.parametrize("glob_pos", [None, [0, 7]])
+def test_causal_prefix_fast_path(pad_side, glob_pos):
+    # window 16 ≥ block 4: the first 16 queries take the fused is_causal call (unless padding
+    # reaches into them), the rest the band; values, global merge and gradients must not tell
+    n = 50
+    pad = None
+    if pad_side:
+        pad = torch.ones(2, n, dtype=torch.bool)
+        if pad_side == "left":
+            pad[1, :5] = False
+        else:
+            pad[1, -5:] = False
+    out, ref = run_case(n_q=n, n_k=n, window=16, causal=True, block_size=4, glob_pos=glob_pos, pad=pad)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    q = torch.randn(1, 2, n, 4, dtype=torch.float64, requires_grad=True)
+    out = sliding_window_attention(q, q, q, window=16, causal=True, block_size=4)
+    (g,) = torch.autograd.grad(out.square().sum(), q)
+    ref = dense_reference(q, q, q, [reference_mask(n, n, 16, True, [1])], q.shape[-1] ** -0.5)
+    (g_ref,) = torch.autograd.grad(ref.square().sum(), q)
+    torch.testing.assert_close(g, g_ref, atol=1e-8, rtol=0)
+
+
 def test_float32_and_grad_with_globals():
     out, ref = run_case(dtype=torch.float32, window=8, glob_pos=[0], dilation=[1, 2])
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)

@@ -196,9 +196,22 @@ def _band(q, k, v, keys_ok, lo, hi, q0, scale, dropout, block_size, lse_grad=Fal
     band = (j >= i) & (j <= i + hi - lo)  # (c, L)
 
     lse = q.new_empty(hg, n_q, dtype=torch.float32 if q.dtype != torch.float64 else q.dtype)
+    # Causal prefix of a full forward (q0 = 0): while p <= hi the window reaches back to key 0,
+    # so query p attends keys [0, p] — plain causal attention, one fused is_causal call instead
+    # of many explicitly masked edge blocks (at n = 2·window that is half the queries).
+    prefix = (min(hi + 1, n_q) // c) * c if lo == 0 and q0 == 0 else 0
+    if prefix and (keys_ok is None or bool(keys_ok[:prefix].all())):
+        o, l_ = attend(q[None, :, :prefix], k[None, :, :prefix], v[None, :, :prefix], None, scale, dropout,
+                       lse_grad, is_causal=True)  # fmt: skip
+        out[:, :prefix] = o[0]
+        lse[:, :prefix] = l_[0].to(lse.dtype)
+    else:
+        prefix = 0
     runs = _runs(interior.tolist())
     if len(runs) > 8:  # ragged padding: fewer, bigger calls beat many strided ones
         runs, interior = [], torch.zeros_like(interior)
+    edge = ~interior
+    edge[: prefix // c] = False  # done above
     kst, vst = k.stride(), v.stride()
     for a, z in runs:
         m, s = z - a, int(starts[a])
@@ -215,7 +228,7 @@ def _band(q, k, v, keys_ok, lo, hi, q0, scale, dropout, block_size, lse_grad=Fal
     # q/k/v slices (views) with an explicit (rows, keys) mask. Calls are capped at ~L/4 rows
     # so that a long padded stretch never turns into an n×n mask.
     chunk = max(1, (strip // 4) // c)
-    for a, z in _runs((~interior).tolist()):
+    for a, z in _runs(edge.tolist()):
         for a2 in range(a, z, chunk):
             r0, r1 = a2 * c, min(min(z, a2 + chunk) * c, n_q)
             k0, k1 = max(0, q0 + r0 - hi), min(n_k, q0 + r1 - lo)
