@@ -86,6 +86,11 @@ def first_output(output) -> torch.Tensor:
     return output.last_hidden_state
 
 
+def output_of(model, inputs) -> torch.Tensor:
+    with torch.no_grad():
+        return first_output(model(**inputs))
+
+
 def random_qkv(b=2, h=4, h_kv=4, n=24, d=8, seed=0):
     """float64 query (B, H, n, D) and key/value (B, H_kv, n, D) for kernel-vs-reference tests."""
     g = torch.Generator().manual_seed(seed)

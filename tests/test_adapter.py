@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import first_output, tiny_inputs, tiny_model
+from conftest import first_output, output_of, tiny_inputs, tiny_model
 
 import surgeon
 import surgeon.lora as L
@@ -24,11 +24,6 @@ def _recipe(select, **params) -> dict:
     return {"surgeon": 1, "rules": [{"do": "adapter", "select": select, "with": params}]}
 
 
-def _out(model, inputs):
-    with torch.no_grad():
-        return first_output(model(**inputs))
-
-
 def _hosts(model):
     return {path: host for path, module in model.named_modules() if (host := BottleneckHost.on(module))}
 
@@ -36,12 +31,12 @@ def _hosts(model):
 @pytest.mark.parametrize("family", sorted(PLACES))
 def test_placement_and_identity_at_init(family):
     model, inputs = tiny_model(family), tiny_inputs(family)
-    before = _out(model, inputs)
+    before = output_of(model, inputs)
     surgeon.patch(model, _recipe({"role": "layer"}, reduction_factor=4, activation="gelu"))
     hosts = _hosts(model)
     assert sorted(p for p in hosts if ".0." in p) == sorted(PLACES[family])
     assert len(hosts) == 2 * model.config.num_hidden_layers
-    assert torch.equal(_out(model, inputs), before)
+    assert torch.equal(output_of(model, inputs), before)
     # non-zero up projection: the branch h + up(act(down(h))) is really added there
     module = model.get_submodule(PLACES[family][0])
     adapter = hosts[PLACES[family][0]].default
@@ -95,7 +90,7 @@ def test_diff_roundtrip_and_named_adapters(tiny_model_dir, tmp_path):
     base = tiny_model_dir("bert")
     model, _ = surgeon.load_model(base)
     inputs = tiny_inputs("bert")
-    plain = _out(model, inputs)
+    plain = output_of(model, inputs)
     surgeon.patch(model, {"surgeon": 1, "rules": [
         {"do": "adapter", "select": {"role": "layer"}, "with": {"size": 4, "name": "a"}},
         {"do": "adapter", "select": {"role": "layer"}, "with": {"size": 2, "name": "b", "placement": ["mlp"]}},
@@ -104,27 +99,27 @@ def test_diff_roundtrip_and_named_adapters(tiny_model_dir, tmp_path):
         for name, param in model.named_parameters():
             if ".surgeon_adapter." in name:
                 param.normal_(0, 0.1)
-    both = _out(model, inputs)
+    both = output_of(model, inputs)
     surgeon.save_diff(model, str(tmp_path / "both"), base_dir=base)
-    assert torch.equal(_out(surgeon.load(base, str(tmp_path / "both")), inputs), both)
+    assert torch.equal(output_of(surgeon.load(base, str(tmp_path / "both")), inputs), both)
     L.set_active(model, "a")
-    only_a = _out(model, inputs)
+    only_a = output_of(model, inputs)
     with L.disable_adapters(model):
-        assert torch.equal(_out(model, inputs), plain)
+        assert torch.equal(output_of(model, inputs), plain)
     assert not torch.equal(only_a, both) and not torch.equal(only_a, plain)
     L.save_adapter_diff(model, str(tmp_path / "a"), "a", base_dir=base)
     loaded = surgeon.load(base, str(tmp_path / "a"))
     assert L.adapter_names(loaded) == ["a"]
-    assert torch.equal(_out(loaded, inputs), only_a)
+    assert torch.equal(output_of(loaded, inputs), only_a)
 
 
 def test_real_minilm_identity_at_init(minilm_dir):
     model, _ = surgeon.load_model(minilm_dir)
     model.eval()
     inputs = {"input_ids": torch.tensor([[101, 2023, 2003, 1037, 6251, 102]])}
-    before = _out(model, inputs)
+    before = output_of(model, inputs)
     surgery = surgeon.patch(model, _recipe({"role": "layer"}))  # reduction_factor 16: 384 -> 24
-    assert torch.equal(_out(model, inputs), before)
+    assert torch.equal(output_of(model, inputs), before)
     assert surgery.ledger.added_total == 6 * 2 * (2 * 384 * 24 + 24 + 384)
 
 

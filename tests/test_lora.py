@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from conftest import first_output, tiny_inputs, tiny_model
+from conftest import first_output, output_of, tiny_inputs, tiny_model
 
 import surgeon
 import surgeon.lora as L
@@ -31,11 +31,6 @@ def _recipe(select, **params) -> dict:
     return {"surgeon": 1, "rules": [{"do": "lora", "select": select, "with": params}]}
 
 
-def _out(model, inputs):
-    with torch.no_grad():
-        return first_output(model(**inputs))
-
-
 def _adapters(model):
     return [(path, name, part, a) for path, _, host in L.lora_hosts(model) for name, part, a in host.adapters()]
 
@@ -44,10 +39,10 @@ def _adapters(model):
 def test_outputs_identical_at_init(case):
     _, family, select = case
     model, inputs = tiny_model(family), tiny_inputs(family)
-    before = _out(model, inputs)
+    before = output_of(model, inputs)
     surgeon.patch(model, _recipe(select, r=4, dropout=0.1))
     assert _adapters(model)
-    assert torch.equal(_out(model, inputs), before)
+    assert torch.equal(output_of(model, inputs), before)
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
@@ -136,11 +131,11 @@ def test_diff_roundtrip_reproduces_outputs(tiny_model_dir, tmp_path):
             optimizer.step()
             optimizer.zero_grad()
         model.eval()
-        expected = _out(model, inputs)
+        expected = output_of(model, inputs)
         out = tmp_path / f"{family}-diff"
         surgeon.save_diff(model, str(out), base_dir=base)
         loaded = surgeon.load(base, str(out))
-        assert torch.equal(_out(loaded, inputs), expected)
+        assert torch.equal(output_of(loaded, inputs), expected)
 
 
 def test_real_minilm(minilm_dir, tmp_path):
@@ -148,20 +143,20 @@ def test_real_minilm(minilm_dir, tmp_path):
     model.eval()
     inputs = {"input_ids": torch.tensor([[101, 7592, 2088, 2003, 1037, 3231, 102]])}
     inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
-    before = _out(model, inputs)
+    before = output_of(model, inputs)
     surgeon.patch(model, _recipe({"role": ["attn.q", "attn.v"]}, r=8, alpha=16.0, dropout=0.1))
-    assert torch.equal(_out(model, inputs), before)
+    assert torch.equal(output_of(model, inputs), before)
     assert len(_adapters(model)) == 12  # 6 layers × (q, v)
     with torch.no_grad():
         for _, _, _, adapter in _adapters(model):
             adapter.lora_B.normal_(0, 0.02)
-    expected = _out(model, inputs)
+    expected = output_of(model, inputs)
     assert not torch.equal(expected, before)
     surgeon.save_diff(model, str(tmp_path / "d"), base_dir=minilm_dir)
-    assert torch.equal(_out(surgeon.load(minilm_dir, str(tmp_path / "d")), inputs), expected)
+    assert torch.equal(output_of(surgeon.load(minilm_dir, str(tmp_path / "d")), inputs), expected)
     merged = copy.deepcopy(model)
     L.merge(merged)
-    torch.testing.assert_close(_out(merged, inputs), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(output_of(merged, inputs), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_ledger_counts_equal_independent_sums():
@@ -186,27 +181,27 @@ def test_named_adapters_switch_and_save(tiny_model_dir, tmp_path):
     base = tiny_model_dir("llama")
     model, _ = surgeon.load_model(base)
     inputs = tiny_inputs("llama")
-    plain = _out(model, inputs)
+    plain = output_of(model, inputs)
     surgeon.patch(model, {"surgeon": 1, "rules": [
         {"do": "lora", "select": {"role": ["attn.q", "attn.v"]}, "with": {"r": 4, "name": "task_a", "init": "random"}},
         {"do": "lora", "select": {"role": ["attn.v", "mlp.up"]}, "with": {"r": 2, "name": "task_b", "init": "random"}},
     ]})  # fmt: skip
     assert L.adapter_names(model) == ["task_a", "task_b"]
-    both = _out(model, inputs)
+    both = output_of(model, inputs)
     L.set_active(model, "task_a")
-    only_a = _out(model, inputs)
+    only_a = output_of(model, inputs)
     L.set_active(model, ["task_b"])
-    only_b = _out(model, inputs)
+    only_b = output_of(model, inputs)
     with L.disable_adapters(model):
-        assert torch.equal(_out(model, inputs), plain)
-    assert torch.equal(_out(model, inputs), only_b)  # restored after the block
+        assert torch.equal(output_of(model, inputs), plain)
+    assert torch.equal(output_of(model, inputs), only_b)  # restored after the block
     assert len({tuple(t.flatten().tolist()) for t in (plain, both, only_a, only_b)}) == 4
     for name, expected in (("task_a", only_a), ("task_b", only_b)):
         out = tmp_path / name
         L.save_adapter_diff(model, str(out), name, base_dir=base)
         loaded = surgeon.load(base, str(out))
         assert L.adapter_names(loaded) == [name]
-        assert torch.equal(_out(loaded, inputs), expected)
+        assert torch.equal(output_of(loaded, inputs), expected)
     assert L.active_adapters(model) == ["task_b"]  # saving left the live model as it was
     surgeon.save_diff(model, str(tmp_path / "all"), base_dir=base)  # the ledger is still consistent
     with pytest.raises(SurgeonError, match="no adapter named 'task_c'"):
@@ -227,10 +222,10 @@ def test_group_shares_one_projection_and_matches_separate(monkeypatch):
     # per layer: q+k+v (3·3 rows of A), o (3), gate+up (2·3), down (3)
     assert calls == [9, 3, 6, 3] * model.config.num_hidden_layers
     model.eval()
-    grouped = _out(model, inputs)
+    grouped = output_of(model, inputs)
     for *_, adapter in _adapters(model):
         adapter.group = None
-    torch.testing.assert_close(_out(model, inputs), grouped, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(output_of(model, inputs), grouped, rtol=1e-6, atol=1e-6)
 
 
 def test_group_falls_back_when_inputs_differ():

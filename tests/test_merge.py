@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from conftest import first_output, tiny_inputs, tiny_model
+from conftest import output_of, tiny_inputs, tiny_model
 
 import surgeon
 import surgeon.lora as L
@@ -28,11 +28,6 @@ def _recipe(select, **params) -> dict:
     return {"surgeon": 1, "rules": [{"do": "lora", "select": select, "with": params}]}
 
 
-def _out(model, inputs):
-    with torch.no_grad():
-        return first_output(model(**inputs))
-
-
 def _rel(a, b) -> float:
     return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
@@ -43,14 +38,14 @@ def test_merged_equals_unmerged_and_unmerge_is_exact(case):
     model, inputs = tiny_model(family), tiny_inputs(family)
     surgeon.patch(model, _recipe(select, r=4, alpha=8.0, init="random"))
     state = {n: t.clone() for n, t in model.state_dict().items()}
-    unmerged = _out(model, inputs)
+    unmerged = output_of(model, inputs)
     assert L.merge(model) > 0
     changed = [n for n, t in model.state_dict().items() if not torch.equal(t, state[n])]
     assert changed and all(n.endswith(".weight") and ".surgeon_lora." not in n for n in changed)
-    assert _rel(_out(model, inputs), unmerged) <= 1e-5
+    assert _rel(output_of(model, inputs), unmerged) <= 1e-5
     L.unmerge(model)
     assert all(torch.equal(t, state[n]) for n, t in model.state_dict().items())
-    assert torch.equal(_out(model, inputs), unmerged)
+    assert torch.equal(output_of(model, inputs), unmerged)
 
 
 def test_bf16_merge_rounds_once_from_fp32_and_unmerges_exactly():
@@ -77,16 +72,16 @@ def test_merge_selected_adapters_and_switch_guard():
         {"do": "lora", "select": {"role": "attn.q"}, "with": {"r": 2, "name": "a", "init": "random"}},
         {"do": "lora", "select": {"role": "attn.q"}, "with": {"r": 3, "name": "b", "init": "random"}},
     ]})  # fmt: skip
-    both = _out(model, inputs)
+    both = output_of(model, inputs)
     L.merge(model, ["a"])
-    assert _rel(_out(model, inputs), both) <= 1e-5  # a merged, b still adds in forward
+    assert _rel(output_of(model, inputs), both) <= 1e-5  # a merged, b still adds in forward
     L.merge(model, ["b"])  # recomputed from the original: one rounding for a + b
     q = model.model.layers[0].self_attn.q_proj
     expected = q.surgeon_lora.original_weight.clone()
     for _, _, adapter in q.surgeon_lora.adapters():
         expected += adapter.delta_weight()
     assert torch.equal(q.weight, expected)
-    assert _rel(_out(model, inputs), both) <= 1e-5
+    assert _rel(output_of(model, inputs), both) <= 1e-5
     with pytest.raises(SurgeonError, match="unmerge"):
         L.set_active(model, "a")
     with pytest.raises(SurgeonError, match="unmerge"):
@@ -95,7 +90,7 @@ def test_merge_selected_adapters_and_switch_guard():
     with pytest.raises(SurgeonError, match="no LoRA adapter named 'c'"):
         L.merge(model, ["c"])
     L.unmerge(model)
-    assert torch.equal(_out(model, inputs), both)
+    assert torch.equal(output_of(model, inputs), both)
 
 
 def test_tied_lm_head_refused_unless_untie():
@@ -111,18 +106,18 @@ def test_tied_lm_head_refused_unless_untie():
     model = tiny_model("gpt2")
     embed = model.transformer.wte.weight.detach().clone()
     surgeon.patch(model, _recipe({"path": "lm_head"}, r=4, init="random", untie=True))
-    unmerged = _out(model, inputs)
+    unmerged = output_of(model, inputs)
     assert L.untied_names(model) == {"transformer.wte.weight": "transformer.wte.weight", "lm_head.weight": "transformer.wte.weight"}
     (piece,) = L.merge_pieces(model)
     assert piece.param_name == "lm_head.weight" and piece.index is None
     L.merge(model)
     assert model.lm_head.weight is not model.transformer.wte.weight
     assert torch.equal(model.transformer.wte.weight, embed)  # the input embeddings are untouched
-    assert _rel(_out(model, inputs), unmerged) <= 1e-5
+    assert _rel(output_of(model, inputs), unmerged) <= 1e-5
     assert L.untied_names(model) == {"transformer.wte.weight": "transformer.wte.weight", "lm_head.weight": "transformer.wte.weight"}
     L.unmerge(model)
     assert model.lm_head.weight is model.transformer.wte.weight  # re-tied
-    assert torch.equal(_out(model, inputs), unmerged)
+    assert torch.equal(output_of(model, inputs), unmerged)
 
 
 def test_tied_embedding_side_refused_too():
@@ -195,12 +190,12 @@ def test_merge_survives_deepcopy_and_non_mergeable_lists_bottlenecks():
         "encoder.layer.0.attention.output.dense: bottleneck adapter 'default' (292 params) is a nonlinear branch and cannot be merged into the weights",
         "encoder.layer.0.output.dense: bottleneck adapter 'default' (292 params) is a nonlinear branch and cannot be merged into the weights",
     ]
-    expected = _out(model, inputs)
+    expected = output_of(model, inputs)
     clone = copy.deepcopy(model)
-    assert torch.equal(_out(clone, inputs), expected)
+    assert torch.equal(output_of(clone, inputs), expected)
     L.merge(clone)  # LoRA folds in; the bottleneck adapters keep running in forward
-    assert _rel(_out(clone, inputs), expected) <= 1e-5
-    assert torch.equal(_out(model, inputs), expected)  # the original is untouched
+    assert _rel(output_of(clone, inputs), expected) <= 1e-5
+    assert torch.equal(output_of(model, inputs), expected)  # the original is untouched
 
 
 def test_lora_and_bottleneck_on_one_module_merge_consistently():
@@ -214,9 +209,9 @@ def test_lora_and_bottleneck_on_one_module_merge_consistently():
         for name, param in model.named_parameters():
             if "adapter_up" in name:
                 param.normal_(0, 0.5)
-    unmerged = _out(model, inputs)
+    unmerged = output_of(model, inputs)
     L.merge(model)
-    assert _rel(_out(model, inputs), unmerged) <= 1e-5
+    assert _rel(output_of(model, inputs), unmerged) <= 1e-5
 
 
 def test_non_finite_merge_changes_nothing():

@@ -35,12 +35,8 @@ class Latent(Action):
     summary = "Perceiver-style latents: tokens attend to m learned summaries of the keys/values"
 
     def check(self, target, params, ctx) -> None:
-        check_attention_target(self.name, target, ctx)
+        check_attention_target(self.name, target, ctx, causal_refused="latent slots would mix future tokens")
         where = target.display
-        if getattr(target.module, "is_causal", False):
-            raise SurgeonError(
-                f"latent: {where} is causal (decoder) attention; latent slots would mix future tokens"
-            )
         if params.m <= 0:
             raise SurgeonError(f"latent: {where}: m must be positive, got {params.m}")
         if kv_heads_and_dim(target.module) is None:

@@ -45,13 +45,9 @@ class Linformer(Action):
     summary = "Linformer: attend to k learned projections of the keys/values along the sequence"
 
     def check(self, target, params, ctx) -> None:
-        check_attention_target(self.name, target, ctx)
+        check_attention_target(self.name, target, ctx,
+                               causal_refused="the sequence projection would mix future tokens into every position")
         where = target.display
-        if getattr(target.module, "is_causal", False):
-            raise SurgeonError(
-                f"linformer: {where} is causal (decoder) attention; the sequence projection "
-                "would mix future tokens into every position"
-            )
         if params.k <= 0:
             raise SurgeonError(f"linformer: {where}: k must be positive, got {params.k}")
         length = _max_length(params, ctx)

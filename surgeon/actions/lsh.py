@@ -32,13 +32,11 @@ class LSH(Action):
     summary = "Reformer LSH attention: hash Q and K into buckets, attend within sorted chunks"
 
     def check(self, target, params, ctx) -> None:
-        check_attention_target(self.name, target, ctx)
+        check_attention_target(
+            self.name, target, ctx,
+            causal_refused="LSH bucketing depends on later tokens, so it cannot be made exactly causal",
+        )  # fmt: skip
         where = target.display
-        if getattr(target.module, "is_causal", False):
-            raise SurgeonError(
-                f"lsh: {where} is causal (decoder) attention; LSH bucketing depends on later "
-                "tokens, so it cannot be made exactly causal"
-            )
         if params.n_hashes <= 0:
             raise SurgeonError(f"lsh: {where}: n_hashes must be positive, got {params.n_hashes}")
         if params.bucket_size <= 0:

@@ -5,8 +5,9 @@ from __future__ import annotations
 from ..errors import SurgeonError
 
 
-def check_attention_target(action: str, target, ctx) -> None:
-    """The common refusals of attention variants, each naming the module."""
+def check_attention_target(action: str, target, ctx, *, causal_refused: str | None = None) -> None:
+    """The common refusals of attention variants, each naming the module. `causal_refused`: the
+    reason a bidirectional-only variant gives for refusing causal (decoder) attention."""
     from ..modelmap import routes_through_interface
 
     where = f"{target.path} ({target.class_name})"
@@ -22,3 +23,5 @@ def check_attention_target(action: str, target, ctx) -> None:
             f"{action}: {where} computes attention in its own eager code, not through transformers' "
             "AttentionInterface; this family is not supported"
         )
+    if causal_refused and getattr(target.module, "is_causal", False):
+        raise SurgeonError(f"{action}: {target.display} is causal (decoder) attention; {causal_refused}")
