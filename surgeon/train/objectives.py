@@ -16,7 +16,7 @@ teacher's forward — happens in `inputs(ids, generator)`, outside the DDP wrapp
   every layer learns to reproduce the teacher's attention output on its own, without the
   errors of the layers below (the "attention transfer" stage of LoLCATs, Zhang et al. 2024).
   The loss is then the layer terms alone. Meant as a first stage before an end-to-end one
-  (e.g. `final: pooled`); on the MiniLM fidelity cases (benchmarks/fidelity.py) it did not beat
+  (e.g. `final: pooled`); in ad-hoc trials on the MiniLM fidelity cases it did not beat
   end-to-end training alone.
 - `mlm`: BERT masking (Devlin et al. 2019): 15 % of non-special tokens; of those 80 % →
   mask token, 10 % → random token, 10 % unchanged.
