@@ -208,11 +208,12 @@ def main() -> None:
     work = tempfile.mkdtemp(prefix="surgeon-fidelity-")
     eval_file = os.path.join(work, "eval.txt")
     with open(eval_file, "w", encoding="utf-8") as handle:
-        handle.write(docstrings(EVAL_MODULES))
+        eval_docs = _docstrings(EVAL_MODULES)
+        handle.write("\n\n".join(eval_docs))
     modules = train_modules()
     train_file = os.path.join(work, "train.txt")
     with open(train_file, "w", encoding="utf-8") as handle:
-        handle.write(docstrings(modules, exclude=frozenset(_docstrings(EVAL_MODULES))))
+        handle.write(docstrings(modules, exclude=frozenset(eval_docs)))
     from surgeon.train.data import pack
 
     train_windows = len(pack(tokenizer, [train_file], SEQ))

@@ -195,10 +195,11 @@ class DistillObjective(nn.Module):
         teacher = self.teacher[0]
         captured: dict[str, torch.Tensor] = {}
         inputs: dict[str, torch.Tensor] = {}
+        layer_terms = self.layerwise or bool(self.paths and self.attn_weight)  # else no attention target is read
         handles = [
             m.register_forward_hook(lambda mod, a, out, p=p: captured.__setitem__(p, _first(out)))
             for p, m in self._teacher_modules.items()
-        ]
+        ] if layer_terms else []
         if self.layerwise:
             handles += [
                 m.register_forward_pre_hook(
@@ -211,7 +212,7 @@ class DistillObjective(nn.Module):
         finally:
             for handle in handles:
                 handle.remove()
-        targets = {f"attn_{i}": captured[p] for i, p in enumerate(self.paths)}
+        targets = {f"attn_{i}": captured[p] for i, p in enumerate(self.paths)} if layer_terms else {}
         if self.layerwise:  # the layer terms are the whole loss: no final term
             return {"input_ids": ids, **targets, **{f"in_{i}": inputs[p] for i, p in enumerate(self.paths)}}
         if self.final in ("hidden", "pooled"):
