@@ -7,6 +7,7 @@ plus a D-long weighted sum):
 - Linformer: n·k scores, plus E·K and F·V = another 2·n·k·D multiply-adds → 2·n·k.
 - latent: Z·Kᵀ twice (two fused calls share no work), A·K, A·V → 2·n·m; tokens × slots → n·m;
   with summary_keys="latent" one read fewer → 2·n·m in all.
+- "+ band ±8": local_window 16 adds n·17 pairs (the exact short-range window).
 - LSH: n_hashes · n · 2·bucket_size (hashing is ~5 % more, not counted).
 Learned tensors (E, F, latents) are random, built once per n and cached, so their
 construction is not timed; the memory subprocess does build them (16 MB for E, F at 16k).
@@ -36,21 +37,22 @@ def _cached(key, make):
     return _CACHE[key]
 
 
-def _linformer(k: int):
+def _linformer(k: int, local_window: int = 0):
     def run(q, key, v):
         n = key.shape[2]
         e, f = _cached(("linformer", k, n), lambda: (random_projection(k, n), random_projection(k, n)))
-        return linformer_attention(q, key, v, e, f, key_padding_mask=None, scaling=q.shape[-1] ** -0.5)
+        return linformer_attention(q, key, v, e, f, key_padding_mask=None, scaling=q.shape[-1] ** -0.5,
+                                   local_window=local_window)  # fmt: skip
 
     return run
 
 
-def _latent(m: int, summary_keys: str = "attended"):
+def _latent(m: int, summary_keys: str = "attended", local_window: int = 0):
     def run(q, key, v):
         z = _cached(("latent", m, key.shape[1], key.shape[3]),
                     lambda: torch.randn(key.shape[1], m, key.shape[3]))  # fmt: skip
         return latent_attention(q, key, v, z, key_padding_mask=None, scaling=q.shape[-1] ** -0.5,
-                                summary_keys=summary_keys)  # fmt: skip
+                                summary_keys=summary_keys, local_window=local_window)  # fmt: skip
 
     return run
 
@@ -69,6 +71,11 @@ VARIANTS = [
     {"name": "latent m=256", "causal": False, "run": _latent(256), "pairs": lambda n: 3 * n * 256},
     {"name": "latent m=256, keys=latents", "causal": False, "run": _latent(256, "latent"),
      "pairs": lambda n: 2 * n * 256},
+    # plus an exact ±8 band (local_window 16): 17 more keys per query
+    {"name": "linformer k=256 + band ±8", "causal": False, "run": _linformer(256, 16),
+     "pairs": lambda n: 2 * n * min(n, 256) + n * min(n, 17)},
+    {"name": "latent m=256 + band ±8", "causal": False, "run": _latent(256, local_window=16),
+     "pairs": lambda n: 3 * n * 256 + n * min(n, 17)},
     {"name": "lsh 4 hashes, bucket 64", "causal": False, "run": _lsh(4, 64),
      "pairs": lambda n: 4 * n * min(n, 128)},
     {"name": "lsh 8 hashes, bucket 64", "causal": False, "run": _lsh(8, 64),

@@ -30,6 +30,8 @@ CASES = [
     ("linformer", {"k": 8, "share": "layer"}),
     ("latent", {"m": 6}),
     ("latent", {"m": 6, "summary_keys": "latent"}),
+    ("linformer", {"k": 8, "local_window": 4}),
+    ("latent", {"m": 6, "local_window": 6}),
     ("lsh", {"n_hashes": 2, "bucket_size": 4}),
 ]
 
@@ -123,6 +125,7 @@ def test_shared_layer_projection_trains_as_one_tensor():
 
 @pytest.mark.parametrize("do,params", [
     ("linformer", {"k": 8}), ("linformer", {"k": 8, "share": "layer"}), ("latent", {"m": 6}),
+    ("linformer", {"k": 8, "local_window": 4}), ("latent", {"m": 6, "local_window": 4}),
     ("lsh", {"n_hashes": 2, "bucket_size": 4}),
 ])  # fmt: skip
 def test_diff_roundtrip_reproduces_outputs(do, params, tiny_model_dir, tmp_path):
@@ -138,6 +141,21 @@ def test_diff_roundtrip_reproduces_outputs(do, params, tiny_model_dir, tmp_path)
     loaded = surgeon.load(base, str(tmp_path / "d"))
     inputs = bert_inputs()
     assert torch.equal(run(loaded, inputs), run(model, inputs))
+
+
+def test_local_window_changes_the_output_and_the_cost():
+    from surgeon.report import attention_cost
+
+    inputs = bert_inputs()
+    outs, costs = [], []
+    for window in (0, 4):
+        model = tiny_model("bert")
+        surgeon.patch(model, recipe("latent", m=6, local_window=window))
+        outs.append(run(model, inputs))
+        costs.append(attention_cost(surgeon.modelmap.ModelMap(model), 64)["modules"][0]["flops"])
+    assert not torch.allclose(outs[0], outs[1])
+    heads, head_dim = 4, 8  # the tiny BERT's attention (hidden 32)
+    assert costs[1] - costs[0] == 4 * heads * 64 * 5 * head_dim  # Q·Kᵀ and P·V over 5 keys per query
 
 
 def test_report_cost_uses_the_variant():
@@ -157,6 +175,8 @@ def test_report_cost_uses_the_variant():
     ("linformer", {"k": 65}, "k=65 exceeds max_length=64"),
     ("linformer", {"k": 8, "max_length": 0}, "max_length must be positive"),
     ("latent", {"m": 0}, "m must be positive"),
+    ("linformer", {"k": 8, "local_window": -2}, "local_window must be ≥ 0"),
+    ("latent", {"m": 4, "local_window": -1}, "local_window must be ≥ 0"),
     ("lsh", {"n_hashes": 0}, "n_hashes must be positive"),
     ("lsh", {"bucket_size": -4}, "bucket_size must be positive"),
 ])  # fmt: skip

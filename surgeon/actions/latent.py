@@ -4,6 +4,8 @@ m learned latent queries per KV head (`<attention>.surgeon_attention.latents`, a
 trainable) read K and V into m summary slots; tokens then attend to the slots: O(n·m). The
 latents are new random tensors, so the untrained model is only a rough approximation; the
 `train` step makes it good. Causal modules are refused: every slot mixes all positions.
+`local_window: w` adds an exact ±w/2 band beside the slots, in one softmax (Long-Short
+Transformer, Zhu et al. 2021; see attention/kernels/short_range.py).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import pydantic
 
 from ..attention.variants_compressed import LatentAttention, kv_heads_and_dim
 from ..errors import SurgeonError
-from ..attention.targets import check_attention_target
+from ..attention.targets import check_attention_target, check_local_window
 from .base import Action, params_config
 
 
@@ -27,6 +29,9 @@ class LatentParams(pydantic.BaseModel):
     # "attended": slot keys = latent-weighted mean of the token keys (sensible untrained);
     # "latent": slot keys = the latents themselves (one read fewer, ~1/3 faster; needs training)
     summary_keys: Literal["attended", "latent"] = "attended"
+    # > 0: every query also attends the keys within ±local_window/2 exactly, in the same softmax
+    # (Long-Short Transformer, Zhu et al. 2021): what m slots cannot hold, e.g. "the previous token"
+    local_window: int = 0
 
 
 class Latent(Action):
@@ -41,6 +46,7 @@ class Latent(Action):
             raise SurgeonError(f"latent: {where}: m must be positive, got {params.m}")
         if kv_heads_and_dim(target.module) is None:
             raise SurgeonError(f"latent: {where}: cannot tell its number of heads and head size")
+        check_local_window(self.name, where, params.local_window)
 
     def apply(self, target, params, ctx) -> None:
         kv_heads, head_dim = kv_heads_and_dim(target.module)
@@ -48,7 +54,8 @@ class Latent(Action):
         # One seed per layer: identical latents in every layer would be a needless tie.
         seed = params.seed + (target.layer.index if target.layer is not None else 0)
         variant = LatentAttention(
-            params.m, kv_heads, head_dim, seed=seed, summary_keys=params.summary_keys, dtype=dtype,
+            params.m, kv_heads, head_dim, seed=seed, summary_keys=params.summary_keys,
+            local_window=params.local_window, dtype=dtype,
             where=target.display,
         )  # fmt: skip
         ctx.attach_attention(target, variant)

@@ -11,6 +11,9 @@ model run at one length (the paper's setting) should set `max_length` to it — 
 on a 512-position model, the default leaves half of the k slots empty. Inputs longer than
 max_length are refused at run time with an error naming the module.
 Causal modules are refused: the projection mixes future tokens into every slot.
+`local_window: w` adds an exact ±w/2 band beside the k slots, in one softmax (Long-Short
+Transformer, Zhu et al. 2021; see attention/kernels/short_range.py): no new parameters, O(n·w)
+more work, and the neighbour-reading heads of pretrained models keep working.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import pydantic
 
 from ..attention.variants_compressed import LinformerAttention, max_positions
 from ..errors import SurgeonError
-from ..attention.targets import check_attention_target
+from ..attention.targets import check_attention_target, check_local_window
 from .base import Action, params_config
 
 
@@ -33,6 +36,9 @@ class LinformerParams(pydantic.BaseModel):
     share: Literal["none", "kv", "layer"] = "none"  # Linformer §4 sharing: F = E, one E for all layers
     init: Literal["segment_mean", "random"] = "segment_mean"
     seed: int = 0  # for init: random
+    # > 0: every query also attends the keys within ±local_window/2 exactly, in the same softmax
+    # (Long-Short Transformer, Zhu et al. 2021): what k slots cannot hold, e.g. "the previous token"
+    local_window: int = 0
 
 
 def _max_length(params: LinformerParams, ctx) -> int | None:
@@ -59,6 +65,7 @@ class Linformer(Action):
             raise SurgeonError(f"linformer: {where}: max_length must be positive, got {length}")
         if params.k > length:
             raise SurgeonError(f"linformer: {where}: k={params.k} exceeds max_length={length}")
+        check_local_window(self.name, where, params.local_window)
 
     def apply(self, target, params, ctx) -> None:
         length = _max_length(params, ctx)
@@ -66,7 +73,7 @@ class Linformer(Action):
         shared = ctx.state.get("linformer_proj") if params.share == "layer" else None
         variant = LinformerAttention(
             params.k, length, share=params.share, init=params.init, seed=params.seed,
-            dtype=dtype, shared=shared, where=target.display,
+            dtype=dtype, shared=shared, local_window=params.local_window, where=target.display,
         )  # fmt: skip
         if params.share == "layer" and shared is None:
             ctx.state["linformer_proj"] = variant.proj_k  # owned by the first layer

@@ -61,10 +61,12 @@ class LinformerAttention(nn.Module):
         seed: int = 0,
         dtype: torch.dtype = torch.float32,
         shared: nn.Parameter | None = None,
+        local_window: int = 0,
         where: str = "",
     ):
         super().__init__()
         self.k, self.max_length, self.share, self.where = k, max_length, share, where
+        self.local_window = local_window
         self._shared: list[nn.Parameter] = [] if shared is None else [shared]
         if shared is None:
             generator = torch.Generator().manual_seed(seed)
@@ -96,14 +98,14 @@ class LinformerAttention(nn.Module):
         proj_k, proj_v = self.projections()
         return linformer_attention(
             query, key, value, proj_k, proj_v,
-            key_padding_mask=key_padding_mask, scaling=scaling, dropout=dropout,
+            key_padding_mask=key_padding_mask, scaling=scaling, dropout=dropout, local_window=self.local_window,
         )  # fmt: skip
 
     def cost(self, n: int, heads: int, head_dim: int) -> dict:
-        return linformer_cost(n, heads, head_dim, self.k)
+        return linformer_cost(n, heads, head_dim, self.k, self.local_window)
 
     def extra_repr(self) -> str:
-        return f"k={self.k}, max_length={self.max_length}, share={self.share}"
+        return f"k={self.k}, max_length={self.max_length}, share={self.share}, local_window={self.local_window}"
 
 
 class LatentAttention(nn.Module):
@@ -112,10 +114,10 @@ class LatentAttention(nn.Module):
     name = "latent"
 
     def __init__(self, m: int, kv_heads: int, head_dim: int, *, seed: int = 0,
-                 summary_keys: Literal["attended", "latent"] = "attended",
+                 summary_keys: Literal["attended", "latent"] = "attended", local_window: int = 0,
                  dtype: torch.dtype = torch.float32, where: str = ""):  # fmt: skip
         super().__init__()
-        self.m, self.summary_keys, self.where = m, summary_keys, where
+        self.m, self.summary_keys, self.local_window, self.where = m, summary_keys, local_window, where
         generator = torch.Generator().manual_seed(seed)
         # Unit-variance entries: with the model's own scaling (1/√D) a latent's scores have the
         # spread of a typical query's, so each slot starts as a soft cluster of related tokens.
@@ -130,14 +132,15 @@ class LatentAttention(nn.Module):
         return latent_attention(
             query, key, value, self.latents,
             key_padding_mask=key_padding_mask, scaling=scaling, dropout=dropout,
-            summary_keys=self.summary_keys,
+            summary_keys=self.summary_keys, local_window=self.local_window,
         )  # fmt: skip
 
     def cost(self, n: int, heads: int, head_dim: int) -> dict:
-        return latent_cost(n, heads, head_dim, self.m, self.summary_keys)
+        return latent_cost(n, heads, head_dim, self.m, self.summary_keys, self.local_window)
 
     def extra_repr(self) -> str:
-        return f"m={self.m}, summary_keys={self.summary_keys}, latents={tuple(self.latents.shape)}"
+        return (f"m={self.m}, summary_keys={self.summary_keys}, local_window={self.local_window}, "
+                f"latents={tuple(self.latents.shape)}")  # fmt: skip
 
 
 class LSHAttention:

@@ -26,6 +26,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
+from .short_range import add_short_range_cost, with_short_range
+
 
 def latent_attention(
     query: Tensor,  # (B, H, n_q, D)
@@ -37,6 +39,7 @@ def latent_attention(
     scaling: float,
     dropout: float = 0.0,
     summary_keys: str = "attended",  # "attended": A·K; "latent": Z
+    local_window: int = 0,  # > 0: also attend keys within ±local_window/2 exactly (short_range.py)
 ) -> Tensor:  # (B, H, n_q, D)
     if summary_keys not in ("attended", "latent"):
         raise ValueError(f"summary_keys must be 'attended' or 'latent', got {summary_keys!r}")
@@ -56,12 +59,16 @@ def latent_attention(
     if groups > 1:  # GQA: one set of slots per KV head, shared by its query heads
         sum_k = sum_k.repeat_interleave(groups, dim=1)  # (B, H, m, D)
         sum_v = sum_v.repeat_interleave(groups, dim=1)
+    if local_window > 0:
+        return with_short_range(query, key, value, sum_k, sum_v, window=local_window, far_mask=None,
+                                key_padding_mask=key_padding_mask, scaling=scaling, dropout=dropout)  # fmt: skip
     return F.scaled_dot_product_attention(query, sum_k, sum_v, dropout_p=dropout, scale=scaling)
 
 
-def latent_cost(n: int, heads: int, head_dim: int, m: int, summary_keys: str = "attended") -> dict:
+def latent_cost(n: int, heads: int, head_dim: int, m: int, summary_keys: str = "attended", local_window: int = 0) -> dict:
     """Multiply-add FLOPs (×2) and bytes of attention scores held at once (fp32)."""
     reads = 2 if summary_keys == "attended" else 1  # fused calls over the n tokens
     read = 2 * 2 * reads * heads * m * n * head_dim  # per call: Z·Kᵀ and A·(K or V)
     attend = 2 * 2 * heads * n * m * head_dim  # Q·K_sumᵀ, P·V_sum
-    return {"flops": read + attend, "score_bytes": 4 * heads * m * n}
+    cost = {"flops": read + attend, "score_bytes": 4 * heads * m * n}
+    return add_short_range_cost(cost, n, heads, head_dim, local_window)

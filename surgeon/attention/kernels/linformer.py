@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .short_range import add_short_range_cost, with_short_range
+
 
 def segment_mean_projection(k: int, n_max: int, dtype=torch.float32) -> Tensor:  # (k, n_max)
     """E whose row 0 picks position 0 alone and whose other rows average k-1 equal contiguous
@@ -71,6 +73,7 @@ def linformer_attention(
     key_padding_mask: Tensor | None,  # (B, n) bool, True = real token
     scaling: float,
     dropout: float = 0.0,
+    local_window: int = 0,  # > 0: also attend keys within ±local_window/2 exactly (short_range.py)
 ) -> Tensor:  # (B, H, n_q, D)
     n = key.shape[2]
     n_max = proj_k.shape[1]
@@ -80,6 +83,7 @@ def linformer_attention(
         raise ValueError(f"{query.shape[1]} query heads are not a multiple of {key.shape[1]} KV heads")
     e = proj_k[:, :n].to(key.dtype)  # (k, n)
     f = proj_v[:, :n].to(value.dtype)  # (k, n)
+    tokens = key, value
     if key_padding_mask is not None:
         keep = key_padding_mask[:, None, :, None].to(key.dtype)  # (B, 1, n, 1)
         key, value = key * keep, value * keep
@@ -90,14 +94,18 @@ def linformer_attention(
     if groups > 1:  # GQA: project once per KV head, then share with its query heads
         pk = pk.repeat_interleave(groups, dim=1)  # (B, H, k, D)
         pv = pv.repeat_interleave(groups, dim=1)
+    if local_window > 0:
+        return with_short_range(query, *tokens, pk, pv, window=local_window, far_mask=live,
+                                key_padding_mask=key_padding_mask, scaling=scaling, dropout=dropout)  # fmt: skip
     return F.scaled_dot_product_attention(
         query, pk, pv, attn_mask=live, dropout_p=dropout, scale=scaling
     )
 
 
-def linformer_cost(n: int, heads: int, head_dim: int, k: int) -> dict:
+def linformer_cost(n: int, heads: int, head_dim: int, k: int, local_window: int = 0) -> dict:
     """Multiply-add FLOPs (×2) and bytes of attention scores held at once (fp32)."""
     k = min(k, n)
     project = 2 * 2 * heads * k * n * head_dim  # E·K and F·V
     attend = 2 * 2 * heads * n * k * head_dim  # Q·Kᵀ and P·V over k slots
-    return {"flops": project + attend, "score_bytes": 4 * heads * n * k}
+    cost = {"flops": project + attend, "score_bytes": 4 * heads * n * k}
+    return add_short_range_cost(cost, n, heads, head_dim, local_window)
