@@ -42,18 +42,22 @@ def with_short_range(
     scaling: float,
     dropout: float = 0.0,
 ) -> Tensor:  # (B, H, n_q, D)
-    b, h, n_q, _ = query.shape
+    b, h, n_q, d = query.shape
     # the band's LSE weighs it against the slots in the merge, so it must carry gradient
     o_far, lse_far = attend(query, far_key, far_value, far_mask, scaling, dropout, need_lse_grad=True)
     key, value = expand_kv(key, h), expand_kv(value, h)  # (B, H, n, D)
     lo, hi = window_bounds(window, causal=False)
     q0 = key.shape[2] - n_q
-    out = []
+    # without autograd the band is written straight into the output and merged there in place
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, far_key, far_value))
+    out = None if grad else query.new_empty(b, h, n_q, d)
+    parts = []
     for bi in range(b):
         pad = key_padding_mask[bi] if key_padding_mask is not None else None  # (n,)
-        o_band, lse_band = _band(query[bi], key[bi], value[bi], pad, lo, hi, q0, scaling, dropout, None, lse_grad=True)
-        out.append(merge_lse(o_band, lse_band, o_far[bi], lse_far[bi]))  # (H, n_q, D)
-    return torch.stack(out)
+        o_band, lse_band = _band(query[bi], key[bi], value[bi], pad, lo, hi, q0, scaling, dropout, None,
+                                 lse_grad=True, out=None if grad else out[bi])  # fmt: skip
+        parts.append(merge_lse(o_band, lse_band, o_far[bi], lse_far[bi], inplace=not grad))  # (H, n_q, D)
+    return torch.stack(parts) if grad else out
 
 
 def add_short_range_cost(cost: dict, n: int, heads: int, head_dim: int, window: int) -> dict:
