@@ -97,6 +97,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096, 16384])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/attention_compressed.json)")
     args = parser.parse_args()
     here = Path(__file__).resolve().parent
     spec = importlib.util.spec_from_file_location("attention_harness", here / "attention.py")
@@ -111,7 +112,7 @@ def main() -> None:
             "head_dim": harness.HEAD_DIM, "dtype": "float32", "batch": 1,
             "timing": f"best of {args.repeat} after one warm-up ({max(1, args.repeat - 1)} at 16k)",
             "memory": "peak RSS rise of one call, fresh subprocess (benchmarks/attention.py)"}  # fmt: skip
-    out = here / "results" / "attention_compressed.json"
+    out = Path(args.out) if args.out else here / "results" / "attention_compressed.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "core": rows}, indent=2))
     print(f"wrote {out}")

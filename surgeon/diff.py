@@ -93,6 +93,9 @@ def save_diff(model, out_dir: str, *, base_dir: str | None = None, overwrite: bo
             "replaced_sha256": {n: h for n, h in sorted(surgery.base_hashes.items()) if n in tensors},
         },
         "recipes": [_recipe_file(i) for i in range(len(surgery.recipes))],
+        # every rule's parameters with the defaults filled in: a later surgeon whose defaults
+        # differ must not silently rebuild a different function around these tensors
+        "rules": [{"do": r.action, "with": r.params} for r in surgery.ledger.rules],
         "tensors": {
             name: {
                 "kind": "added" if name in surgery.ledger.added else "trainable",
@@ -158,6 +161,24 @@ def check_stored_names(path: str, stored: set[str], expected: set[str]) -> None:
         raise CheckpointError(f"{path}: unexpected tensor {extra[0]} that the recipe neither trains nor adds")
 
 
+def check_resolved_rules(manifest: dict, rules: list, diff_dir: str) -> None:
+    """The re-applied rules must resolve to the parameters recorded when the diff was saved
+    (diffs written before this record existed carry none and are not checked)."""
+    saved = manifest.get("rules")
+    if saved is None:
+        return
+    made_with = manifest.get("surgeon_version", "?")
+    for i, (was, now) in enumerate(zip(saved, rules)):
+        for field in sorted(set(was["with"]) | set(now.params)):
+            old, new = was["with"].get(field), now.params.get(field)
+            if old != new:
+                raise CheckpointError(
+                    f"{diff_dir}: rule {i + 1} (do: {now.action}) resolves {field} to {new!r} in this surgeon, but "
+                    f"it was {old!r} when the diff was saved (surgeon {made_with}); write {field}: {old!r} in "
+                    "the recipe to load it as it was made"
+                )
+
+
 def load_recipes(diff_dir: str, manifest: dict) -> list[Recipe]:
     recipes = []
     for file in manifest.get("recipes") or ["recipe.yaml"]:
@@ -188,6 +209,7 @@ def load(base_dir: str | None, diff_dir: str, *, allow_pickle: bool = False):
             )
     for recipe in recipes:
         patch(model, recipe)
+    check_resolved_rules(manifest, surgery_of(model).ledger.rules, diff_dir)
     expected = set(surgery_of(model).ledger.diff_names())
     path = os.path.join(diff_dir, DIFF_FILE)
     state = dict(model.named_parameters())

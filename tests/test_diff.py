@@ -213,3 +213,23 @@ def test_manifest_contents(tiny_model_dir, tmp_path):
     assert manifest["tensors"]["pooler.dense.bias"]["by"] == "rule 1 (bitfit)"
     with safe_open(str(tmp_path / "d" / "diff.safetensors"), "pt") as handle:
         assert handle.metadata() == {"format": "surgeon-diff"}
+
+
+def test_rules_resolved_differently_at_load_are_refused(tiny_model_dir, tmp_path):
+    # a surgeon with other defaults must not rebuild a different function around the saved
+    # tensors: the manifest records every rule's parameters with the defaults filled in
+    base = tiny_model_dir("bert")
+    recipe = {"surgeon": 1, "rules": [{"do": "latent", "select": {"role": "attn"}, "with": {"m": 4}}]}
+    manifest = surgeon.save_diff(patched(base, recipe), str(tmp_path / "d"))
+    assert manifest["rules"][0] == {"do": "latent", "with": {"m": 4, "init": "random", "seed": 0,
+                                                             "summary_keys": "attended", "local_window": 0}}  # fmt: skip
+    surgeon.load(base, str(tmp_path / "d"))  # same defaults: loads
+    # as if saved by a surgeon whose default summary_keys was "latent" (the recipe omits it)
+    path = tmp_path / "d" / "manifest.json"
+    manifest["rules"][0]["with"]["summary_keys"] = "latent"
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=r"rule 1 \(do: latent\) resolves summary_keys to 'attended'.*was 'latent'"):
+        surgeon.load(base, str(tmp_path / "d"))
+    del manifest["rules"]  # diffs saved before the record existed are not checked
+    path.write_text(json.dumps(manifest))
+    surgeon.load(base, str(tmp_path / "d"))

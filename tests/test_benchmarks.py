@@ -1,0 +1,35 @@
+"""Smoke runs of the speed benchmarks at toy sizes: each script must run end to end and write
+its JSON. Their numbers are not checked here (timings belong in benchmarks/ and the README)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def run(script: str, *args: str) -> None:
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / script), *args], capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_attention_benchmark_runs_end_to_end(tmp_path):
+    run("attention.py", "--sizes", "256", "--repeat", "1", "--no-memory", "--model-n", "256", "--out", str(tmp_path))
+    result = json.loads((tmp_path / "attention.json").read_text())
+    names = {row["variant"] for row in result["core"]}
+    assert {"dense SDPA", "sliding ±256", "blockwise 16 blocks", "linformer k=256 + band ±8", "lsh 4 hashes, bucket 64"} <= names
+    model = result["model"]
+    assert model["n"] == 256 and model["rest_seconds"] > 0 and model["measured_limit"] > 0
+    assert (tmp_path / "attention.png").stat().st_size > 0
+
+
+def test_compressed_attention_benchmark_runs_end_to_end(tmp_path):
+    out = tmp_path / "compressed.json"
+    run("attention_variants_compressed.py", "--sizes", "256", "--repeat", "1", "--no-memory", "--out", str(out))
+    rows = json.loads(out.read_text())["core"]
+    assert {row["variant"] for row in rows} >= {"dense SDPA", "latent m=256", "latent m=256 + band ±8"}
+    assert all(row["seconds"] > 0 for row in rows)
