@@ -33,6 +33,7 @@ Results go to benchmarks/results/attention.json and a log-log plot attention.png
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 import json
 import resource
@@ -215,8 +216,9 @@ def bench_model(n: int, repeat: int) -> dict:
         max_position_embeddings=n, attn_implementation="sdpa",
     )  # fmt: skip
     torch.manual_seed(0)
-    dense = transformers.BertModel(cfg).eval()
-    patched = transformers.BertModel(cfg).eval()
+    # one config object each: attention-implementation switches are written to the config
+    dense = transformers.BertModel(copy.deepcopy(cfg)).eval()
+    patched = transformers.BertModel(copy.deepcopy(cfg)).eval()
     patched.load_state_dict(dense.state_dict())
     recipe = {"surgeon": 1, "rules": [{"do": "sliding_window", "select": {"role": "attn"}, "with": {"window": 512}}]}
     surgeon.patch(patched, recipe)
@@ -224,9 +226,11 @@ def bench_model(n: int, repeat: int) -> dict:
     # The same model with attention replaced by a no-op (the output is V itself): what the
     # embeddings, projections, FFNs and norms cost alone — the part no attention variant changes.
     transformers.AttentionInterface.register("benchmark_no_attention", lambda module, q, k, v, mask, **kw: (v.transpose(1, 2), None))
-    hollow = transformers.BertModel(cfg).eval()
+    hollow = transformers.BertModel(copy.deepcopy(cfg)).eval()
     hollow.load_state_dict(dense.state_dict())
     hollow.set_attn_implementation("benchmark_no_attention")
+    implementations = [m.config._attn_implementation for m in (dense, patched, hollow)]
+    assert implementations == ["sdpa", "surgeon", "benchmark_no_attention"], implementations
     t_dense = best_time(lambda: dense(input_ids=ids), repeat)
     t_patched = best_time(lambda: patched(input_ids=ids), repeat)
     t_rest = best_time(lambda: hollow(input_ids=ids), repeat)

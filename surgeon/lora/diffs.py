@@ -71,6 +71,10 @@ def save_adapter_diff(
     ledger = copy.copy(surgery.ledger)
     ledger.trainable = {n: v for n, v in ledger.trainable.items() if n not in dropped}
     ledger.added = {n: v for n, v in ledger.added.items() if n not in dropped}
+    # the rules the filtered recipes still hold (same test as filter_recipe_data): the manifest
+    # records their resolved parameters for the load-time check
+    ledger.rules = [r for r in ledger.rules
+                    if not (r.action in ADAPTER_ACTIONS and r.params.get("name", "default") not in adapters)]  # fmt: skip
     view = dataclasses.replace(surgery, ledger=ledger, recipes=recipes)
     params = dict(model.named_parameters())
     flipped = [params[n] for n in dropped if n in params and params[n].requires_grad]
