@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import first_output, tiny_inputs, tiny_model
+from conftest import first_output, output_of, tiny_inputs, tiny_model
 
 import surgeon
 from surgeon.errors import SurgeonError
@@ -17,11 +17,6 @@ def bert_inputs(seq=20, real=13):
     inputs = tiny_inputs("bert", seq=seq)
     inputs["attention_mask"][1, real:] = 0
     return inputs
-
-
-def run(model, inputs):
-    with torch.no_grad():
-        return first_output(model(**inputs))
 
 
 CASES = [
@@ -45,36 +40,36 @@ def test_padded_batch_row_equals_the_sequence_alone(do, params):
     model = tiny_model("bert")
     surgeon.patch(model, recipe(do, **params))
     inputs = bert_inputs()
-    out = run(model, inputs)
+    out = output_of(model, inputs)
     assert torch.isfinite(out).all()
     poisoned = {**inputs, "input_ids": inputs["input_ids"].clone()}
     poisoned["input_ids"][1, 13:] = 5  # other tokens under the padding
-    torch.testing.assert_close(run(model, poisoned)[1, :13], out[1, :13], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(output_of(model, poisoned)[1, :13], out[1, :13], rtol=1e-5, atol=1e-5)
     if do != "lsh":
         alone = {k: v[1:, :13] for k, v in inputs.items()}
-        torch.testing.assert_close(run(model, alone)[0], out[1, :13], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(output_of(model, alone)[0], out[1, :13], rtol=1e-5, atol=1e-5)
 
 
 def test_linformer_identity_projection_reproduces_the_dense_model():
     model = tiny_model("bert")
     inputs = bert_inputs()
-    dense = run(model, inputs)
+    dense = output_of(model, inputs)
     surgeon.patch(model, recipe("linformer", k=64))  # max_length = the model's 64 positions
     with torch.no_grad():
         for layer in model.encoder.layer:
             variant = layer.attention.self.surgeon_attention
             variant.proj_k.copy_(torch.eye(64))
             variant.proj_v.copy_(torch.eye(64))
-    torch.testing.assert_close(run(model, inputs)[0], dense[0], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(run(model, inputs)[1, :13], dense[1, :13], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(output_of(model, inputs)[0], dense[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(output_of(model, inputs)[1, :13], dense[1, :13], rtol=1e-5, atol=1e-5)
 
 
 def test_lsh_with_one_chunk_reproduces_the_dense_model():
     model = tiny_model("bert")
     inputs = bert_inputs()
-    dense = run(model, inputs)
+    dense = output_of(model, inputs)
     surgeon.patch(model, recipe("lsh", n_hashes=3, bucket_size=32))
-    out = run(model, inputs)
+    out = output_of(model, inputs)
     torch.testing.assert_close(out[0], dense[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out[1, :13], dense[1, :13], rtol=1e-5, atol=1e-5)
 
@@ -82,9 +77,9 @@ def test_lsh_with_one_chunk_reproduces_the_dense_model():
 def test_lsh_changes_attention_when_sparse():
     model = tiny_model("bert")
     inputs = tiny_inputs("bert", seq=40)
-    dense = run(model, inputs)
+    dense = output_of(model, inputs)
     surgeon.patch(model, recipe("lsh", n_hashes=1, bucket_size=4))
-    assert not torch.allclose(run(model, inputs), dense, atol=1e-4)
+    assert not torch.allclose(output_of(model, inputs), dense, atol=1e-4)
 
 
 @pytest.mark.parametrize("share,expected", [("none", 3 * 2 * 8 * 64), ("kv", 3 * 8 * 64), ("layer", 8 * 64)])
@@ -117,7 +112,7 @@ def test_lsh_adds_nothing():
 def test_shared_layer_projection_trains_as_one_tensor():
     model = tiny_model("bert")
     surgeon.patch(model, recipe("linformer", k=8, share="layer"))
-    run(model, bert_inputs())  # no error
+    output_of(model, bert_inputs())  # no error
     first_output(model(**bert_inputs())).sum().backward()
     proj = model.encoder.layer[0].attention.self.surgeon_attention.proj_k
     assert proj.grad is not None and proj.grad.abs().sum() > 0
@@ -140,7 +135,7 @@ def test_diff_roundtrip_reproduces_outputs(do, params, tiny_model_dir, tmp_path)
     surgeon.save_diff(model, str(tmp_path / "d"))
     loaded = surgeon.load(base, str(tmp_path / "d"))
     inputs = bert_inputs()
-    assert torch.equal(run(loaded, inputs), run(model, inputs))
+    assert torch.equal(output_of(loaded, inputs), output_of(model, inputs))
 
 
 def test_local_window_changes_the_output_and_the_cost():
@@ -151,7 +146,7 @@ def test_local_window_changes_the_output_and_the_cost():
     for window in (0, 4):
         model = tiny_model("bert")
         surgeon.patch(model, recipe("latent", m=6, local_window=window))
-        outs.append(run(model, inputs))
+        outs.append(output_of(model, inputs))
         costs.append(attention_cost(surgeon.modelmap.ModelMap(model), 64)["modules"][0]["flops"])
     assert not torch.allclose(outs[0], outs[1])
     heads, head_dim = 4, 8  # the tiny BERT's attention (hidden 32)
@@ -213,7 +208,7 @@ def test_t5_position_bias_refused_at_run_time():
     encoder = {"path": "encoder.block.*.layer.0.SelfAttention"}
     surgeon.patch(model, recipe("lsh", select=encoder, n_hashes=2, bucket_size=4))
     with pytest.raises(SurgeonError, match="position bias"):
-        run(model, tiny_inputs("t5", seq=20))
+        output_of(model, tiny_inputs("t5", seq=20))
 
 
 def test_linformer_too_long_input_refused_at_run_time():
@@ -221,6 +216,6 @@ def test_linformer_too_long_input_refused_at_run_time():
     model = tiny_model("bert")
     surgery = surgeon.patch(model, recipe("linformer", k=8, max_length=32))
     assert any("inputs over max_length=32 tokens are refused" in n for r in surgery.ledger.rules for n in r.notes)
-    run(model, tiny_inputs("bert", seq=32))
+    output_of(model, tiny_inputs("bert", seq=32))
     with pytest.raises(SurgeonError, match="encoder.layer.0.attention.self: input of 40 tokens exceeds max_length 32"):
-        run(model, tiny_inputs("bert", seq=40))
+        output_of(model, tiny_inputs("bert", seq=40))

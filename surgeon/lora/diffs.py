@@ -25,14 +25,14 @@ def adapter_of(name: str) -> str | None:
     return match.group(1) if match else None
 
 
+def adds_other_adapter(do: str, params: dict, adapters: list[str]) -> bool:
+    """Whether a rule (its action, its `with`) adds an adapter not in `adapters`."""
+    return do in ADAPTER_ACTIONS and params.get("name", "default") not in adapters
+
+
 def filter_recipe_data(data: dict, adapters: list[str]) -> dict | None:
     """The recipe without the rules adding other adapters; None if no rule is left."""
-    rules = []
-    for rule in data.get("rules", []):
-        name = (rule.get("with") or {}).get("name", "default")
-        if rule.get("do") in ADAPTER_ACTIONS and name not in adapters:
-            continue
-        rules.append(rule)
+    rules = [r for r in data.get("rules", []) if not adds_other_adapter(r.get("do"), r.get("with") or {}, adapters)]
     if not rules:
         return None
     out = dict(data)
@@ -71,10 +71,8 @@ def save_adapter_diff(
     ledger = copy.copy(surgery.ledger)
     ledger.trainable = {n: v for n, v in ledger.trainable.items() if n not in dropped}
     ledger.added = {n: v for n, v in ledger.added.items() if n not in dropped}
-    # the rules the filtered recipes still hold (same test as filter_recipe_data): the manifest
-    # records their resolved parameters for the load-time check
-    ledger.rules = [r for r in ledger.rules
-                    if not (r.action in ADAPTER_ACTIONS and r.params.get("name", "default") not in adapters)]  # fmt: skip
+    # the rules the filtered recipes still hold: the manifest records their resolved parameters
+    ledger.rules = [r for r in ledger.rules if not adds_other_adapter(r.action, r.params, adapters)]
     view = dataclasses.replace(surgery, ledger=ledger, recipes=recipes)
     params = dict(model.named_parameters())
     flipped = [params[n] for n in dropped if n in params and params[n].requires_grad]

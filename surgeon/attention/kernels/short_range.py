@@ -56,7 +56,9 @@ def with_short_range(
         pad = key_padding_mask[bi] if key_padding_mask is not None else None  # (n,)
         o_band, lse_band = _band(query[bi], key[bi], value[bi], pad, lo, hi, q0, scaling, dropout, None,
                                  lse_grad=True, out=None if grad else out[bi])  # fmt: skip
-        parts.append(merge_lse(o_band, lse_band, o_far[bi], lse_far[bi], inplace=not grad))  # (H, n_q, D)
+        merged = merge_lse(o_band, lse_band, o_far[bi], lse_far[bi], inplace=not grad)  # (H, n_q, D)
+        if grad:  # (without autograd, merged is out[bi] itself)
+            parts.append(merged)
     return torch.stack(parts) if grad else out
 
 
