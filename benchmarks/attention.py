@@ -21,6 +21,8 @@ applied with surgeon.patch. Also timed: the same model with attention replaced b
 is what the rest of the model (embeddings, projections, FFNs, norms) costs — no attention variant
 changes it. From it, the speedup a windowed kernel exactly as fast per score as dense SDPA would
 give, and the speedup of free attention: the measured ceilings of the whole-model target.
+The three models are timed in interleaved rounds (`--model-repeat`, best of each), because this
+host's speed drifts over seconds and sequential timing once put the whole drift on one model.
 
 Other variants plug in without touching this file: if `attention_variants_compressed.py` sits
 beside it, its `VARIANTS` list is appended. Each entry is a dict:
@@ -148,6 +150,22 @@ def best_time(fn, repeat: int) -> float:
     return min(times)
 
 
+def interleaved_best(fns: dict, repeat: int) -> dict:
+    """Best time of each function over `repeat` rounds that run every function once, in turn,
+    after one warm-up each: slow drifts of the machine's speed (seconds-long on this shared
+    host) then hit all of them alike instead of whichever ran last."""
+    times = {name: [] for name in fns}
+    with torch.no_grad():
+        for fn in fns.values():
+            fn()
+        for _ in range(repeat):
+            for name, fn in fns.items():
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+    return {name: min(ts) for name, ts in times.items()}
+
+
 def peak_memory(name: str, n: int) -> int | None:
     """Peak-RSS rise of one call, in a fresh subprocess (see module docstring)."""
     cmd = [sys.executable, __file__, "--_memory", name, str(n)]
@@ -231,9 +249,11 @@ def bench_model(n: int, repeat: int) -> dict:
     hollow.set_attn_implementation("benchmark_no_attention")
     implementations = [m.config._attn_implementation for m in (dense, patched, hollow)]
     assert implementations == ["sdpa", "surgeon", "benchmark_no_attention"], implementations
-    t_dense = best_time(lambda: dense(input_ids=ids), repeat)
-    t_patched = best_time(lambda: patched(input_ids=ids), repeat)
-    t_rest = best_time(lambda: hollow(input_ids=ids), repeat)
+    best = interleaved_best(
+        {"dense": lambda: dense(input_ids=ids), "patched": lambda: patched(input_ids=ids),
+         "rest": lambda: hollow(input_ids=ids)}, repeat,
+    )  # fmt: skip
+    t_dense, t_patched, t_rest = best["dense"], best["patched"], best["rest"]
     # Bound: only attention gets faster; its share of FLOPs ≈ n / (n + 6·d_model) (DESIGN §2).
     d_model = cfg.hidden_size
     linear = 2 * n * (4 * d_model * d_model + 2 * d_model * cfg.intermediate_size)
@@ -299,6 +319,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--no-memory", action="store_true", help="skip the per-variant subprocesses")
     parser.add_argument("--no-model", action="store_true", help="skip the whole-model forward")
+    parser.add_argument("--model-repeat", type=int, default=7, help="interleaved rounds of the whole-model timing")
     parser.add_argument("--model-n", type=int, default=4096, help="sequence length of the whole-model forward")
     parser.add_argument("--out", default=str(ROOT / "results"))
     parser.add_argument("--_memory", nargs=2, help=argparse.SUPPRESS)
@@ -308,12 +329,13 @@ def main() -> None:
         return
     torch.set_num_threads(THREADS)
     rows = bench_core(args.sizes, args.repeat, not args.no_memory)
-    model = None if args.no_model else bench_model(args.model_n, args.repeat)
+    model = None if args.no_model else bench_model(args.model_n, args.model_repeat)
     print(table(rows, model))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"torch": torch.__version__, "threads": THREADS, "heads": HEADS, "head_dim": HEAD_DIM,
             "dtype": "float32", "batch": 1, "timing": f"best of {args.repeat} after one warm-up",
+            "model_timing": f"best of {args.model_repeat} interleaved rounds (dense, patched, no-op attention)",
             "memory": "peak RSS rise (VmHWM after clear_refs, else ru_maxrss) of one call in a fresh subprocess"}  # fmt: skip
     (out / "attention.json").write_text(json.dumps({"meta": meta, "core": rows, "model": model}, indent=2))
     plot(rows, out / "attention.png")

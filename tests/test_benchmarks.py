@@ -18,7 +18,7 @@ def run(script: str, *args: str) -> None:
 
 
 def test_attention_benchmark_runs_end_to_end(tmp_path):
-    run("attention.py", "--sizes", "256", "--repeat", "1", "--no-memory", "--model-n", "256", "--out", str(tmp_path))
+    run("attention.py", "--sizes", "256", "--repeat", "1", "--no-memory", "--model-n", "256", "--model-repeat", "1", "--out", str(tmp_path))
     result = json.loads((tmp_path / "attention.json").read_text())
     names = {row["variant"] for row in result["core"]}
     assert {"dense SDPA", "sliding ±256", "blockwise 16 blocks", "linformer k=256 + band ±8", "lsh 4 hashes, bucket 64"} <= names
