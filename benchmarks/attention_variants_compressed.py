@@ -5,8 +5,9 @@ the entry format. "pairs" counts the (query, key) score pairs a method computes,
 projection / summary work converted at the same cost per pair (one pair = a D-long dot product
 plus a D-long weighted sum):
 - Linformer: n·k scores, plus E·K and F·V = another 2·n·k·D multiply-adds → 2·n·k.
-- latent: Z·Kᵀ twice (two fused calls share no work), A·K, A·V → 2·n·m; tokens × slots → n·m;
-  with summary_keys="latent" one read fewer → 2·n·m in all.
+- latent (default slot keys = the latents): Z·Kᵀ and A·V → n·m; tokens × slots → n·m; 2·n·m in
+  all. With summary_keys="attended" Z·Kᵀ runs twice (two fused calls share no work) for A·K too
+  → 3·n·m.
 - "+ band ±8": local_window 16 adds n·17 pairs (the exact short-range window).
 - LSH: n_hashes · n · 2·bucket_size (hashing is ~5 % more, not counted).
 Learned tensors (E, F, latents) are random, built once per n and cached, so their
@@ -47,7 +48,7 @@ def _linformer(k: int, local_window: int = 0):
     return run
 
 
-def _latent(m: int, summary_keys: str = "attended", local_window: int = 0):
+def _latent(m: int, summary_keys: str = "latent", local_window: int = 0):
     def run(q, key, v):
         z = _cached(("latent", m, key.shape[1], key.shape[3]),
                     lambda: torch.randn(key.shape[1], m, key.shape[3]))  # fmt: skip
@@ -68,14 +69,14 @@ def _lsh(n_hashes: int, bucket_size: int):
 VARIANTS = [
     {"name": "linformer k=256", "causal": False, "run": _linformer(256),
      "pairs": lambda n: 2 * n * min(n, 256)},
-    {"name": "latent m=256", "causal": False, "run": _latent(256), "pairs": lambda n: 3 * n * 256},
-    {"name": "latent m=256, keys=latents", "causal": False, "run": _latent(256, "latent"),
-     "pairs": lambda n: 2 * n * 256},
+    {"name": "latent m=256", "causal": False, "run": _latent(256), "pairs": lambda n: 2 * n * 256},
+    {"name": "latent m=256, keys=attended", "causal": False, "run": _latent(256, "attended"),
+     "pairs": lambda n: 3 * n * 256},
     # plus an exact ±8 band (local_window 16): 17 more keys per query
     {"name": "linformer k=256 + band ±8", "causal": False, "run": _linformer(256, 16),
      "pairs": lambda n: 2 * n * min(n, 256) + n * min(n, 17)},
     {"name": "latent m=256 + band ±8", "causal": False, "run": _latent(256, local_window=16),
-     "pairs": lambda n: 3 * n * 256 + n * min(n, 17)},
+     "pairs": lambda n: 2 * n * 256 + n * min(n, 17)},
     {"name": "lsh 4 hashes, bucket 64", "causal": False, "run": _lsh(4, 64),
      "pairs": lambda n: 4 * n * min(n, 128)},
     {"name": "lsh 8 hashes, bucket 64", "causal": False, "run": _lsh(8, 64),

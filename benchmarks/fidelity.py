@@ -86,10 +86,13 @@ CASES = [
      + LORA_QKV, None, "E, F + LoRA r=8 on q, k, v", dict(lr=3e-3, final="pooled", attn_weight=0.1)),
     ("latent m=64 + band ±8", [{"do": "latent", "select": {"role": "attn"}, "with": {"m": 64, "local_window": 16}}]
      + LORA_QKV, None, "latents + LoRA r=8 on q, k, v", dict(lr=3e-3, final="pooled", attn_weight=0.1)),
-    # the faster slot keys (one read of the tokens instead of two): does training close the gap?
-    ("latent m=64 keys=latents",
-     [{"do": "latent", "select": {"role": "attn"}, "with": {"m": 64, "summary_keys": "latent"}}] + LORA_QKV, None,
+    # the slower slot keys (the mean key each latent reads; the default until 2026-11-29)
+    ("latent m=64 keys=attended",
+     [{"do": "latent", "select": {"role": "attn"}, "with": {"m": 64, "summary_keys": "attended"}}] + LORA_QKV, None,
      "latents + LoRA r=8 on q, k, v", dict(lr=3e-3, final="pooled", attn_weight=0.1)),
+    ("latent m=64 keys=attended + band ±8",
+     [{"do": "latent", "select": {"role": "attn"}, "with": {"m": 64, "summary_keys": "attended", "local_window": 16}}]
+     + LORA_QKV, None, "latents + LoRA r=8 on q, k, v", dict(lr=3e-3, final="pooled", attn_weight=0.1)),
 ]  # fmt: skip
 
 

@@ -37,11 +37,12 @@ CASES = [
     ("linformer k=64", "linformer", {"k": 64, "max_length": SEQ}),
     ("linformer k=128", "linformer", {"k": 128, "max_length": SEQ}),
     ("latent m=64", "latent", {"m": 64}),
-    ("latent m=64, keys=latents", "latent", {"m": 64, "summary_keys": "latent"}),
+    ("latent m=64, keys=attended", "latent", {"m": 64, "summary_keys": "attended"}),
     # with an exact ±8 band beside the slots (local_window 16, Long-Short Transformer)
     ("linformer k=64, local_window 16", "linformer", {"k": 64, "max_length": SEQ, "local_window": 16}),
     ("linformer k=128, local_window 16", "linformer", {"k": 128, "max_length": SEQ, "local_window": 16}),
     ("latent m=64, local_window 16", "latent", {"m": 64, "local_window": 16}),
+    ("latent m=64, keys=attended, local_window 16", "latent", {"m": 64, "summary_keys": "attended", "local_window": 16}),
     ("lsh 2 hashes, bucket 32", "lsh", {"n_hashes": 2, "bucket_size": 32}),
     ("lsh 4 hashes, bucket 32", "lsh", {"n_hashes": 4, "bucket_size": 32}),
     ("lsh 8 hashes, bucket 32", "lsh", {"n_hashes": 8, "bucket_size": 32}),

@@ -6,7 +6,8 @@ A diff directory holds
 - `manifest.json`: surgeon version, base path, the base's fingerprint (every tensor's
   name/dtype/shape, and sha256 of the base content of each tensor the diff replaces), and
   what each stored tensor is.
-`load(base, diff)` re-applies the recipes to the base and loads the tensors strictly.
+`load(base, diff)` re-applies the recipes to the base, each rule with the parameters recorded
+at save time, and loads the tensors strictly.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import datetime
 import json
 import os
 
+import pydantic
 import torch
 import yaml
 
@@ -161,31 +163,38 @@ def check_stored_names(path: str, stored: set[str], expected: set[str]) -> None:
         raise CheckpointError(f"{path}: unexpected tensor {extra[0]} that the recipe neither trains nor adds")
 
 
-def check_resolved_rules(manifest: dict, rules: list, diff_dir: str) -> None:
-    """The re-applied rules must resolve to the parameters recorded when the diff was saved
-    (diffs written before this record existed carry none and are not checked)."""
-    saved = manifest.get("rules")
-    if saved is None:
-        return
-    made_with = manifest.get("surgeon_version", "?")
-    for i, (was, now) in enumerate(zip(saved, rules)):
-        for field in sorted(set(was["with"]) | set(now.params)):
-            old, new = was["with"].get(field), now.params.get(field)
-            if old != new:
-                raise CheckpointError(
-                    f"{diff_dir}: rule {i + 1} (do: {now.action}) resolves {field} to {new!r} in this surgeon, but "
-                    f"it was {old!r} when the diff was saved (surgeon {made_with}); write {field}: {old!r} in "
-                    "the recipe to load it as it was made"
-                )
-
-
 def load_recipes(diff_dir: str, manifest: dict) -> list[Recipe]:
+    """The diff's recipes, each rule's parameters pinned to what they resolved to when the diff
+    was saved: a later surgeon whose defaults changed (e.g. `summary_keys`) still rebuilds the
+    function the tensors were trained in."""
     recipes = []
     for file in manifest.get("recipes") or ["recipe.yaml"]:
         path = os.path.join(diff_dir, file)
         if not os.path.isfile(path):
             raise CheckpointError(f"{diff_dir}: {file} listed in the manifest is missing")
         recipes.append(load_recipe(path))
+    saved = manifest.get("rules")
+    if saved is None:  # diffs written before the record existed: the recipes as they read now
+        return recipes
+    rules = [rule for recipe in recipes for rule in recipe.rules]
+    if len(saved) != len(rules):
+        raise CheckpointError(f"{diff_dir}: the manifest records {len(saved)} rules, its recipes hold {len(rules)}")
+    made_with = manifest.get("surgeon_version", "?")
+    for i, (record, rule) in enumerate(zip(saved, rules)):
+        if record.get("do") != rule.do:
+            raise CheckpointError(
+                f"{diff_dir}: rule {i + 1} is '{rule.do}' in the recipe but '{record.get('do')}' in the manifest"
+            )
+        recorded = record.get("with") or {}
+        try:
+            rule.params = type(rule.params).model_validate(recorded)
+        except pydantic.ValidationError as exc:
+            error = exc.errors()[0]
+            field = ".".join(str(part) for part in error["loc"])
+            raise CheckpointError(
+                f"{diff_dir}: rule {i + 1} (do: {rule.do}) was saved by surgeon {made_with} with {field} = "
+                f"{recorded.get(field, '(missing)')!r}, which this surgeon does not accept: {error['msg']}"
+            ) from None
     return recipes
 
 
@@ -209,7 +218,6 @@ def load(base_dir: str | None, diff_dir: str, *, allow_pickle: bool = False):
             )
     for recipe in recipes:
         patch(model, recipe)
-    check_resolved_rules(manifest, surgery_of(model).ledger.rules, diff_dir)
     expected = set(surgery_of(model).ledger.diff_names())
     path = os.path.join(diff_dir, DIFF_FILE)
     state = dict(model.named_parameters())

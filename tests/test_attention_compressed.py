@@ -24,7 +24,7 @@ CASES = [
     ("linformer", {"k": 8, "share": "kv", "init": "random"}),
     ("linformer", {"k": 8, "share": "layer"}),
     ("latent", {"m": 6}),
-    ("latent", {"m": 6, "summary_keys": "latent"}),
+    ("latent", {"m": 6, "summary_keys": "attended"}),
     ("linformer", {"k": 8, "local_window": 4}),
     ("latent", {"m": 6, "local_window": 6}),
     ("lsh", {"n_hashes": 2, "bucket_size": 4}),

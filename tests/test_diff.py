@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from conftest import first_output, tiny_inputs
+from conftest import first_output, output_of, tiny_inputs
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -215,21 +215,42 @@ def test_manifest_contents(tiny_model_dir, tmp_path):
         assert handle.metadata() == {"format": "surgeon-diff"}
 
 
-def test_rules_resolved_differently_at_load_are_refused(tiny_model_dir, tmp_path):
-    # a surgeon with other defaults must not rebuild a different function around the saved
-    # tensors: the manifest records every rule's parameters with the defaults filled in
+def test_a_diff_loads_with_the_parameters_it_was_saved_with(tiny_model_dir, tmp_path):
+    # a surgeon with other defaults must rebuild the function the tensors were trained in: the
+    # manifest records every rule's parameters with the defaults filled in, and load uses them
     base = tiny_model_dir("bert")
+    inputs = tiny_inputs("bert")
     recipe = {"surgeon": 1, "rules": [{"do": "latent", "select": {"role": "attn"}, "with": {"m": 4}}]}
-    manifest = surgeon.save_diff(patched(base, recipe), str(tmp_path / "d"))
+    model = patched(base, recipe).eval()
+    default = model.encoder.layer[0].attention.self.surgeon_attention.summary_keys
+    other = {"latent": "attended", "attended": "latent"}[default]
+    manifest = surgeon.save_diff(model, str(tmp_path / "d"))
     assert manifest["rules"][0] == {"do": "latent", "with": {"m": 4, "init": "random", "seed": 0,
-                                                             "summary_keys": "attended", "local_window": 0}}  # fmt: skip
-    surgeon.load(base, str(tmp_path / "d"))  # same defaults: loads
-    # as if saved by a surgeon whose default summary_keys was "latent" (the recipe omits it)
+                                                             "summary_keys": default, "local_window": 0}}  # fmt: skip
+    assert torch.equal(output_of(surgeon.load(base, str(tmp_path / "d")), inputs), output_of(model, inputs))
+    # as if saved by a surgeon whose default was the other one (the recipe omits the field)
     path = tmp_path / "d" / "manifest.json"
-    manifest["rules"][0]["with"]["summary_keys"] = "latent"
+    manifest["rules"][0]["with"]["summary_keys"] = other
     path.write_text(json.dumps(manifest))
-    with pytest.raises(CheckpointError, match=r"rule 1 \(do: latent\) resolves summary_keys to 'attended'.*was 'latent'"):
+    loaded = surgeon.load(base, str(tmp_path / "d"))
+    assert loaded.encoder.layer[0].attention.self.surgeon_attention.summary_keys == other
+    explicit = {"surgeon": 1, "rules": [{"do": "latent", "select": {"role": "attn"},
+                                         "with": {"m": 4, "summary_keys": other}}]}  # fmt: skip
+    reference, _ = surgeon.load_model(base)
+    surgeon.patch(reference, explicit)
+    reference.load_state_dict(model.state_dict())  # the saved tensors, in the other function
+    assert torch.equal(output_of(loaded, inputs), output_of(reference.eval(), inputs))
+    assert not torch.allclose(output_of(loaded, inputs), output_of(model, inputs))
+    # a recorded value this surgeon does not accept: one line naming the rule and the field
+    manifest["rules"][0]["with"]["summary_keys"] = "values"
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=r"rule 1 \(do: latent\) was saved by surgeon .* with summary_keys = 'values'"):
         surgeon.load(base, str(tmp_path / "d"))
-    del manifest["rules"]  # diffs saved before the record existed are not checked
+    manifest["rules"][0]["with"]["summary_keys"] = other
+    manifest["rules"][0]["do"] = "linformer"
     path.write_text(json.dumps(manifest))
-    surgeon.load(base, str(tmp_path / "d"))
+    with pytest.raises(CheckpointError, match=r"rule 1 is 'latent' in the recipe but 'linformer' in the manifest"):
+        surgeon.load(base, str(tmp_path / "d"))
+    del manifest["rules"]  # diffs saved before the record existed: the recipe as it reads now
+    path.write_text(json.dumps(manifest))
+    assert torch.equal(output_of(surgeon.load(base, str(tmp_path / "d")), inputs), output_of(model, inputs))

@@ -14,27 +14,36 @@ def qkv(b=2, h=4, h_kv=4, n=24, d=8, seed=0):
     return random_qkv(b, h, h_kv, n, d, seed)
 
 
-def reference(q, k, v, z, mask, scale):
-    """A = softmax(Z Kᵀ s) over real keys; slots (A K, A V); tokens attend to the slots."""
+def reference(q, k, v, z, mask, scale, summary_keys="attended"):
+    """A = softmax(Z Kᵀ s) over real keys; slots (A K or Z, A V); tokens attend to the slots."""
     read = (z[None] @ k.transpose(-1, -2)) * scale  # (B, H_kv, m, n)
     if mask is not None:
         read = read.masked_fill(~mask[:, None, None, :], float("-inf"))
     a = read.softmax(-1)
-    sk, sv = a @ k, a @ v  # (B, H_kv, m, D)
+    sv = a @ v  # (B, H_kv, m, D)
+    sk = a @ k if summary_keys == "attended" else z[None].expand_as(sv)
     groups = q.shape[1] // k.shape[1]
     sk, sv = sk.repeat_interleave(groups, 1), sv.repeat_interleave(groups, 1)
     return ((q @ sk.transpose(-1, -2)) * scale).softmax(-1) @ sv
 
 
+@pytest.mark.parametrize("summary_keys", ["attended", "latent"])
 @pytest.mark.parametrize("h_kv", [4, 2])
 @pytest.mark.parametrize("m", [3, 24, 40])  # fewer, as many, more slots than tokens
-def test_matches_formula_with_padding_and_gqa(h_kv, m):
+def test_matches_formula_with_padding_and_gqa(h_kv, m, summary_keys):
     q, k, v = qkv(h_kv=h_kv)
     z = torch.randn(h_kv, m, 8, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     mask = torch.ones(2, 24, dtype=torch.bool)
     mask[1, 11:] = False
-    out = latent_attention(q, k, v, z, key_padding_mask=mask, scaling=0.3)
-    torch.testing.assert_close(out, reference(q, k, v, z, mask, 0.3), rtol=1e-10, atol=1e-10)
+    out = latent_attention(q, k, v, z, key_padding_mask=mask, scaling=0.3, summary_keys=summary_keys)
+    torch.testing.assert_close(out, reference(q, k, v, z, mask, 0.3, summary_keys), rtol=1e-10, atol=1e-10)
+
+
+def test_default_slot_keys_are_the_latents():
+    q, k, v = qkv(h_kv=2)
+    z = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    out = latent_attention(q, k, v, z, key_padding_mask=None, scaling=0.3)
+    torch.testing.assert_close(out, reference(q, k, v, z, None, 0.3, "latent"), rtol=1e-10, atol=1e-10)
 
 
 def test_latent_summary_keys_matches_formula():
@@ -61,7 +70,7 @@ def test_one_latent_per_token_recovers_dense_attention():
     k = torch.zeros(1, 2, n, d, dtype=torch.float64)
     k[0, :, torch.arange(n), torch.arange(n)] = 1.0
     z = 200.0 * k[0]  # (H_kv, m = n, D)
-    out = latent_attention(q, k, v, z, key_padding_mask=None, scaling=1.0)
+    out = latent_attention(q, k, v, z, key_padding_mask=None, scaling=1.0, summary_keys="attended")
     ref = dense_attention(q, k, v, key_padding_mask=None, scaling=1.0, dropout=0.0, causal=False)
     torch.testing.assert_close(out, ref, rtol=1e-8, atol=1e-8)
 
@@ -92,14 +101,15 @@ def test_cost_is_linear_in_n():
     assert latent_cost(4096, 12, 64, 256, "latent")["flops"] < latent_cost(4096, 12, 64, 256)["flops"]
 
 
-def test_gradients_reach_the_latents():
+@pytest.mark.parametrize("summary_keys", ["attended", "latent"])
+def test_gradients_reach_the_latents(summary_keys):
     q, k, v = qkv()
     mask = torch.ones(2, 24, dtype=torch.bool)
     mask[0, 15:] = False
     z0 = torch.randn(4, 5, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     grads = []
-    for fn in (lambda z: latent_attention(q, k, v, z, key_padding_mask=mask, scaling=0.3),
-               lambda z: reference(q, k, v, z, mask, 0.3)):  # fmt: skip
+    for fn in (lambda z: latent_attention(q, k, v, z, key_padding_mask=mask, scaling=0.3, summary_keys=summary_keys),
+               lambda z: reference(q, k, v, z, mask, 0.3, summary_keys)):  # fmt: skip
         z = z0.clone().requires_grad_(True)
         fn(z).square().sum().backward()
         grads.append(z.grad)

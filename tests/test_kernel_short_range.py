@@ -92,15 +92,16 @@ def test_gradients_match_the_reference():
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
 
 
-def test_float32_fused_path_matches_without_grad():
+@pytest.mark.parametrize("summary_keys", ["attended", "latent"])
+def test_float32_fused_path_matches_without_grad(summary_keys):
     # at inference the band and the slots both go through the fused CPU kernel
     q, k, v = random_qkv(n=200, d=16)
     mask = padding_mask(2, 200, [200, 150])
     z = torch.randn(4, 7, 16, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
     with torch.no_grad():
         out = latent_attention(q.float(), k.float(), v.float(), z.float(), key_padding_mask=mask, scaling=0.25,
-                               local_window=32)  # fmt: skip
-    sum_k, sum_v = latent_slots(k, v, z, mask, 0.25, 1, "attended")
+                               local_window=32, summary_keys=summary_keys)  # fmt: skip
+    sum_k, sum_v = latent_slots(k, v, z, mask, 0.25, 1, summary_keys)
     ref = joint_softmax(q, k, v, sum_k, sum_v, None, mask, 32, 0.25)
     real = mask[:, None, :, None]
     torch.testing.assert_close((out.double() * real), ref * real, rtol=1e-5, atol=1e-5)

@@ -114,7 +114,7 @@ class LatentAttention(nn.Module):
     name = "latent"
 
     def __init__(self, m: int, kv_heads: int, head_dim: int, *, seed: int = 0,
-                 summary_keys: Literal["attended", "latent"] = "attended", local_window: int = 0,
+                 summary_keys: Literal["attended", "latent"] = "latent", local_window: int = 0,
                  dtype: torch.dtype = torch.float32, where: str = ""):  # fmt: skip
         super().__init__()
         self.m, self.summary_keys, self.local_window, self.where = m, summary_keys, local_window, where

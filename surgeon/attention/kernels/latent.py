@@ -5,20 +5,19 @@ m learned latent queries Z (per KV head) read the token keys and values once; th
 attend to the m summary slots instead of to each other:
 
     A     = softmax(Z · Kᵀ · scale)            (m × n)   masked on padded keys
-    K_sum = A · K,   V_sum = A · V             (m × D)   summary keys and values
+    V_sum = A · V,   K_sum = Z (or A · K)      (m × D)   summary values and keys
     out   = softmax(Q · K_sumᵀ · scale) · V_sum           cost O(n·m)
 
-Summary keys (`summary_keys="attended"`, the default) and values share the same read weights
-A: slot j stands for the tokens latent j attends to, so its key is their mean key and its value
-their mean value (a slot is a soft cluster of tokens; with one-hot A this is exactly pooled
-attention over the clusters), which keeps an untrained model's queries meaningful. All steps run
-in the fused SDPA kernel (../../../shared/DESIGN.md §2: hand-written scores are 5× slower at
-16k). The CPU flash kernel needs equal q/k/v head sizes, so K_sum and V_sum come from two fused
-calls with the same queries and keys rather than one call on [K | V]: three calls in all.
-
-`summary_keys="latent"` uses the latent itself as its slot's key (K_sum = Z, a tie like
-Reformer's shared QK): one read instead of two, so about a third faster, but the keys are no
-longer in the pretrained key space, so it is only sensible once trained.
+Slot keys. `summary_keys="latent"` (the default) uses each latent as its slot's key
+(K_sum = Z, a tie like Reformer's shared QK): two passes over the tokens, one to read V_sum
+and one for the tokens to attend the slots. `summary_keys="attended"` gives slot j the mean key
+of the tokens latent j reads (K_sum = A·K, same read weights as V_sum: a slot is a soft
+cluster of tokens and its key their mean key, the keys stay in the pretrained key space). The
+CPU flash kernel needs equal q/k/v head sizes, so K_sum takes a second fused call with the
+same queries and keys rather than one call on [K | V]: three passes, about 1.5× slower at
+n = 16384. Measured on MiniLM (benchmarks/quality_compressed.py, benchmarks/fidelity.py) the
+two are equal untrained and within 0.01 after the same distillation, so the faster one is
+the default.
 """
 
 from __future__ import annotations
@@ -38,7 +37,7 @@ def latent_attention(
     key_padding_mask: Tensor | None,  # (B, n) bool, True = real token
     scaling: float,
     dropout: float = 0.0,
-    summary_keys: str = "attended",  # "attended": A·K; "latent": Z
+    summary_keys: str = "latent",  # "latent": Z; "attended": A·K
     local_window: int = 0,  # > 0: also attend keys within ±local_window/2 exactly (short_range.py)
 ) -> Tensor:  # (B, H, n_q, D)
     if summary_keys not in ("attended", "latent"):
@@ -65,7 +64,7 @@ def latent_attention(
     return F.scaled_dot_product_attention(query, sum_k, sum_v, dropout_p=dropout, scale=scaling)
 
 
-def latent_cost(n: int, heads: int, head_dim: int, m: int, summary_keys: str = "attended", local_window: int = 0) -> dict:
+def latent_cost(n: int, heads: int, head_dim: int, m: int, summary_keys: str = "latent", local_window: int = 0) -> dict:
     """Multiply-add FLOPs (×2) and bytes of attention scores held at once (fp32)."""
     reads = 2 if summary_keys == "attended" else 1  # fused calls over the n tokens
     read = 2 * 2 * reads * heads * m * n * head_dim  # per call: Z·Kᵀ and A·(K or V)

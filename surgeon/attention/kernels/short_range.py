@@ -17,7 +17,7 @@ is also inside some slot; as in the Long-Short Transformer the two views sit sid
 not deduplicated. Extra cost: O(n·w), against O(n·k) for the compressed part.
 
 On all-MiniLM-L6-v2 at 256 tokens, a window of 16 (±8) lifts the untrained sentence-embedding
-cosine vs dense from 0.76 to 0.89 for Linformer k=64, 0.86 to 0.91 for k=128, and 0.50 to 0.70
+cosine vs dense from 0.76 to 0.89 for Linformer k=64, 0.86 to 0.91 for k=128, and 0.50 to 0.71
 for latent m=64 (`benchmarks/quality_compressed.py`).
 """
 
