@@ -24,6 +24,10 @@ give, and the speedup of free attention: the measured ceilings of the whole-mode
 The three models are timed in interleaved rounds (`--model-repeat`, best of each), because this
 host's speed drifts over seconds and sequential timing once put the whole drift on one model.
 
+Training step: forward plus backward (gradients to q, k, v of a fixed random weighting of the
+output) at `--train-n` (4096), each variant against dense SDPA's step (causal SDPA's for causal
+variants), best of `--repeat` after one warm-up.
+
 Other variants plug in without touching this file: if `attention_variants_compressed.py` sits
 beside it, its `VARIANTS` list is appended. Each entry is a dict:
     {"name": str, "causal": bool,
@@ -216,6 +220,54 @@ def bench_core(sizes, repeat, memory: bool) -> list[dict]:
     return rows
 
 
+TRAINED = ["sliding ±256", "sliding ±256 + global [0]", "sliding causal 512", "blockwise 16 blocks",
+           "linformer k=256", "latent m=256", "linformer k=256 + band ±8"]
+
+
+def bench_training(n: int, repeat: int) -> list[dict]:
+    """One training step of the attention core: forward, then backward of a fixed random
+    weighting of the output, gradients to q, k, v. Against dense SDPA's (causal SDPA's) step."""
+    variants = {v["name"]: v for v in all_variants()}
+    dense = dense_variants()
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (t.requires_grad_(True) for t in inputs(n))
+    weight = torch.randn(1, HEADS, n, HEAD_DIM, generator=g)
+
+    def step(run):
+        def go():
+            out = run(q, k, v)
+            torch.autograd.grad((out * weight).sum(), (q, k, v))
+
+        return go
+
+    def best(fn):  # best_time's no_grad would turn autograd off
+        fn()
+        times = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    dense_t = {causal: best(step(d["run"])) for causal, d in dense.items()}
+    rows = [{"variant": d["name"], "causal": causal, "n": n, "seconds": dense_t[causal], "speedup": 1.0}
+            for causal, d in dense.items()]  # fmt: skip
+    for name in TRAINED:
+        if name not in variants:
+            continue
+        var = variants[name]
+        t = best(step(var["run"]))
+        rows.append({"variant": name, "causal": var["causal"], "n": n, "seconds": t, "speedup": dense_t[var["causal"]] / t})
+    return rows
+
+
+def training_table(rows) -> str:
+    lines = [f"\ntraining step (forward + backward to q, k, v), n={rows[0]['n']}:",
+             f"{'variant':34s} {'time s':>9s} {'speedup':>8s}"]  # fmt: skip
+    lines += [f"{r['variant']:34s} {r['seconds']:9.4f} {r['speedup']:7.2f}x" for r in rows]
+    return "\n".join(lines)
+
+
 def _row(var, n, t, dense_t, dense_pairs, memory):
     return {
         "variant": var["name"], "causal": var["causal"], "n": n, "seconds": t,
@@ -310,7 +362,9 @@ def plot(rows, path: Path) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    tmp.replace(path)
 
 
 def main() -> None:
@@ -321,6 +375,8 @@ def main() -> None:
     parser.add_argument("--no-model", action="store_true", help="skip the whole-model forward")
     parser.add_argument("--model-repeat", type=int, default=7, help="interleaved rounds of the whole-model timing")
     parser.add_argument("--model-n", type=int, default=4096, help="sequence length of the whole-model forward")
+    parser.add_argument("--train-n", type=int, default=4096, help="sequence length of the training-step rows")
+    parser.add_argument("--no-train", action="store_true", help="skip the training-step rows")
     parser.add_argument("--out", default=str(ROOT / "results"))
     parser.add_argument("--_memory", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -330,14 +386,18 @@ def main() -> None:
     torch.set_num_threads(THREADS)
     rows = bench_core(args.sizes, args.repeat, not args.no_memory)
     model = None if args.no_model else bench_model(args.model_n, args.model_repeat)
-    print(table(rows, model))
+    training = None if args.no_train else bench_training(args.train_n, args.repeat)
+    print(table(rows, model) + (training_table(training) if training else ""))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"torch": torch.__version__, "threads": THREADS, "heads": HEADS, "head_dim": HEAD_DIM,
             "dtype": "float32", "batch": 1, "timing": f"best of {args.repeat} after one warm-up",
             "model_timing": f"best of {args.model_repeat} interleaved rounds (dense, patched, no-op attention)",
             "memory": "peak RSS rise (VmHWM after clear_refs, else ru_maxrss) of one call in a fresh subprocess"}  # fmt: skip
-    (out / "attention.json").write_text(json.dumps({"meta": meta, "core": rows, "model": model}, indent=2))
+    result = {"meta": meta, "core": rows, "model": model, "training": training}
+    tmp = out / "attention.json.tmp"  # written whole, then renamed: never a half-written result
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(out / "attention.json")
     plot(rows, out / "attention.png")
 
 

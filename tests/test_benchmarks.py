@@ -18,12 +18,16 @@ def run(script: str, *args: str) -> None:
 
 
 def test_attention_benchmark_runs_end_to_end(tmp_path):
-    run("attention.py", "--sizes", "256", "--repeat", "1", "--no-memory", "--model-n", "256", "--model-repeat", "1", "--out", str(tmp_path))
+    run("attention.py", "--sizes", "256", "--repeat", "1", "--no-memory", "--model-n", "256", "--model-repeat", "1", "--train-n", "256",
+        "--out", str(tmp_path))  # fmt: skip
     result = json.loads((tmp_path / "attention.json").read_text())
     names = {row["variant"] for row in result["core"]}
     assert {"dense SDPA", "sliding ±256", "blockwise 16 blocks", "linformer k=256 + band ±8", "lsh 4 hashes, bucket 64"} <= names
     model = result["model"]
     assert model["n"] == 256 and model["rest_seconds"] > 0 and model["measured_limit"] > 0
+    training = {row["variant"]: row for row in result["training"]}
+    assert {"dense SDPA", "sliding ±256 + global [0]", "latent m=256"} <= set(training)
+    assert all(row["seconds"] > 0 for row in training.values())
     assert (tmp_path / "attention.png").stat().st_size > 0
 
 

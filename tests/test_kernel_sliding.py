@@ -237,3 +237,35 @@ def test_dropout_path_trains():
     torch.testing.assert_close(tiny, exact, atol=1e-5, rtol=0)
     (g,) = torch.autograd.grad(dropped.sum(), q)
     assert torch.isfinite(g).all()
+
+
+@pytest.mark.parametrize("window,causal", [(8, False), (6, False), (5, True), (3, False)])
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("global_positions", [None, [0], [0, 21, 33]])
+def test_gradients_of_query_key_value_match_the_reference(window, causal, padded, global_positions):
+    # with block_size 4 most blocks are interior: their keys are overlapping strips whose
+    # gradient is summed back by overlapping_strips (strip length a multiple of 4 or not);
+    # with global tokens the band and the global keys share one softmax whose backward is
+    # joint.py's (each part's fused backward with the joint output and log-sum-exp)
+    n, h, d = 40, 2, 8
+    g = torch.Generator().manual_seed(3)
+    tensors = [torch.randn(2, h, n, d, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    pad = None
+    if padded:  # right padding in row 0, left padding in row 1 (global 0 then is padding there)
+        pad = torch.ones(2, n, dtype=torch.bool)
+        pad[0, 31:] = False
+        pad[1, :7] = False
+    glob = None
+    if global_positions is not None:
+        glob = torch.zeros(2, n, dtype=torch.bool)
+        glob[:, global_positions] = True
+    out = sliding_window_attention(*tensors, window=window, causal=causal, key_padding_mask=pad, global_mask=glob,
+                                   block_size=4)  # fmt: skip
+    masks = [reference_mask(n, n, window, causal, [1], glob=None if glob is None else glob[bi],
+                            pad=None if pad is None else pad[bi]) for bi in range(2)]  # fmt: skip
+    ref = dense_reference(*tensors, masks, d**-0.5)
+    weight = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    grads = torch.autograd.grad((out * weight).sum(), tensors)
+    grads_ref = torch.autograd.grad((ref * weight).sum(), tensors)
+    for name, got, want in zip("qkv", grads, grads_ref):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9, msg=f"d{name}")

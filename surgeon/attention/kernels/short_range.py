@@ -26,7 +26,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .sliding import _band, attend, expand_kv, merge_lse, window_bounds
+from .joint import band_with_extra_keys
+from .sliding import _band, attend, band_plan, expand_kv, merge_lse, window_bounds
 
 
 def with_short_range(
@@ -43,13 +44,23 @@ def with_short_range(
     dropout: float = 0.0,
 ) -> Tensor:  # (B, H, n_q, D)
     b, h, n_q, d = query.shape
-    # the band's LSE weighs it against the slots in the merge, so it must carry gradient
-    o_far, lse_far = attend(query, far_key, far_value, far_mask, scaling, dropout, need_lse_grad=True)
     key, value = expand_kv(key, h), expand_kv(value, h)  # (B, H, n, D)
     lo, hi = window_bounds(window, causal=False)
     q0 = key.shape[2] - n_q
-    # without autograd the band is written straight into the output and merged there in place
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, far_key, far_value))
+    if grad and dropout == 0.0 and query.device.type == "cpu":
+        # training: band and slots in one softmax whose backward runs the fused kernel too
+        parts = []
+        for bi in range(b):
+            pad = key_padding_mask[bi] if key_padding_mask is not None else None  # (n,)
+            pieces = band_plan(n_q, key.shape[2], pad, lo, hi, q0, None, query.device)
+            mask = None if far_mask is None else far_mask[bi if far_mask.shape[0] > 1 else 0]  # (.., .., k)
+            parts.append(band_with_extra_keys(query[bi], key[bi], value[bi], far_key[bi], far_value[bi], mask,
+                                              pieces, scaling))  # fmt: skip
+        return torch.stack(parts)
+    # the band's LSE weighs it against the slots in the merge, so it must carry gradient
+    o_far, lse_far = attend(query, far_key, far_value, far_mask, scaling, dropout, need_lse_grad=True)
+    # without autograd the band is written straight into the output and merged there in place
     out = None if grad else query.new_empty(b, h, n_q, d)
     parts = []
     for bi in range(b):

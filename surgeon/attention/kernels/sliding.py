@@ -24,12 +24,14 @@ exactly by log-sum-exp. Nothing of size n_q × n_k is ever built.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ...errors import SurgeonError
+from .strips import add_strips_, overlapping_strips
 
 __all__ = ["sliding_window_attention", "window_bounds", "default_block_size"]
 
@@ -93,6 +95,17 @@ def sliding_window_attention(
         for gi, dil in enumerate(dilations):
             hs = slice(gi * group, (gi + 1) * group)
             q, k, v = query[bi, hs], key[bi, hs], value[bi, hs]  # (Hg, n, D)
+            if glob is not None and grad and dil == 1 and dropout == 0.0 and q.device.type == "cpu":
+                # training with global tokens: band and global keys in one softmax whose
+                # backward runs the fused kernel too (joint.py)
+                from .joint import band_with_extra_keys
+
+                g_idx = glob.nonzero().flatten()  # (G,)
+                pieces = band_plan(n_q, n_k, window_keys_ok, lo, hi, q0, block_size, q.device)
+                allowed = _global_key_mask(g_idx, n_q, causal, q0)[None]  # (1, n_q, G)
+                o = band_with_extra_keys(q, k, v, k[:, g_idx], v[:, g_idx], allowed, pieces, scale)
+                out[bi, hs] = _global_queries(o, q, k, v, glob, pad, causal, q0, scale, dropout, False)
+                continue
             # the LSE feeds a merge only with global tokens; then it must carry gradient
             o, lse = _dilated_band(
                 q, k, v, window_keys_ok, lo, hi, dil, q0, scale, dropout, block_size,
@@ -164,87 +177,112 @@ def _dilated_band(q, k, v, keys_ok, lo, hi, dil, q0, scale, dropout, block_size,
     return out, lse
 
 
-def _band(q, k, v, keys_ok, lo, hi, q0, scale, dropout, block_size, lse_grad=False, out=None):
-    """Undilated band: query i (position q0 + i) attends key j iff lo <= q0 + i - j <= hi and
-    keys_ok[j]. q: (Hg, n_q, D), k/v: (Hg, n_k, D). Returns out (Hg, n_q, D) — written into
-    `out` when given — and lse (Hg, n_q)."""
-    hg, n_q, d = q.shape
-    n_k = k.shape[1]
-    if out is None:
-        out = q.new_empty(hg, n_q, d)
+@dataclass
+class BandPiece:
+    """One fused call of the band: `blocks` blocks of `step` query rows from r0 (one block: rows
+    r0 … r1 - 1), block i seeing keys start + i·step … start + i·step + length - 1. mask: bool
+    (rows of one block, length) or broadcastable, True = may attend; None = every key."""
+
+    r0: int
+    r1: int
+    blocks: int
+    step: int
+    start: int
+    length: int
+    mask: Tensor | None
+    is_causal: bool = False
+
+    def rows(self, x: Tensor) -> Tensor:  # (Hg, n_q, ...) -> (N, Hg, rows of a block, ...), a view
+        if self.blocks == 1:
+            return x[None, :, self.r0 : self.r1]
+        return x[:, self.r0 : self.r1].unflatten(1, (self.blocks, self.step)).transpose(0, 1)
+
+    def keys(self, x: Tensor) -> Tensor:  # (Hg, n_k, D) -> (N, Hg, length, D), a view
+        if self.blocks == 1:
+            return x[None, :, self.start : self.start + self.length]
+        return overlapping_strips(x, self.start, self.blocks, self.step, self.length)
+
+    def add_to_keys_(self, target: Tensor, grad: Tensor) -> None:  # the gradient of keys()
+        if self.blocks == 1:
+            target[:, self.start : self.start + self.length] += grad[0]
+        else:
+            add_strips_(target, grad, self.start, self.blocks, self.step, self.length)
+
+
+def band_plan(n_q, n_k, keys_ok, lo, hi, q0, block_size, device) -> list[BandPiece]:
+    """The fused calls that compute the undilated band: query i (position q0 + i) attends key j
+    iff lo <= q0 + i - j <= hi and keys_ok[j]. A piece of length 0 has no key in reach."""
     if hi >= n_k - 1 and lo <= q0 - n_k + 1:  # the window covers every key: dense attention
-        mask = keys_ok[None, None, None, :] if keys_ok is not None else None
-        o, lse = attend(q[None], k[None], v[None], mask, scale, dropout, lse_grad)
-        out.copy_(o[0])
-        return out, lse[0]
+        return [BandPiece(0, n_q, 1, n_q, 0, n_k, None if keys_ok is None else keys_ok[None, :])]
     c = max(1, min(block_size or default_block_size(lo, hi), n_q))
     nb = -(-n_q // c)
     strip = c + hi - lo  # keys seen by one query block
-    dev = q.device
-    starts = q0 - hi + c * torch.arange(nb, device=dev)  # first key of each block's strip
+    starts = q0 - hi + c * torch.arange(nb, device=device)  # first key of each block's strip
     # Interior blocks: full block, strip inside [0, n_k), every key attendable. They are read
     # as strided views of q/k/v (no copy) and share one (c, L) band mask.
     interior = (starts >= 0) & (starts + strip <= n_k)
-    interior &= torch.arange(nb, device=dev) * c + c <= n_q
+    interior &= torch.arange(nb, device=device) * c + c <= n_q
     if keys_ok is not None:
         bad = torch.cat([keys_ok.new_zeros(1, dtype=torch.long), (~keys_ok).long().cumsum(0)])
         s0, s1 = starts.clamp(0, n_k), (starts + strip).clamp(0, n_k)
         interior &= bad[s1] - bad[s0] == 0
-
-    # Band of one block: query i (strip position i + hi) attends strip key j iff i <= j <= i + hi - lo.
-    i = torch.arange(c, device=dev)[:, None]
-    j = torch.arange(strip, device=dev)[None, :]
-    band = (j >= i) & (j <= i + hi - lo)  # (c, L)
-
-    lse = q.new_empty(hg, n_q, dtype=torch.float32 if q.dtype != torch.float64 else q.dtype)
+    pieces = []
     # Causal prefix of a full forward (q0 = 0): while p <= hi the window reaches back to key 0,
     # so query p attends keys [0, p] — plain causal attention, one fused is_causal call instead
     # of many explicitly masked edge blocks (at n = 2·window that is half the queries).
     prefix = (min(hi + 1, n_q) // c) * c if lo == 0 and q0 == 0 else 0
     if prefix and (keys_ok is None or bool(keys_ok[:prefix].all())):
-        o, l_ = attend(q[None, :, :prefix], k[None, :, :prefix], v[None, :, :prefix], None, scale, dropout,
-                       lse_grad, is_causal=True)  # fmt: skip
-        out[:, :prefix] = o[0]
-        lse[:, :prefix] = l_[0].to(lse.dtype)
+        pieces.append(BandPiece(0, prefix, 1, prefix, 0, prefix, None, is_causal=True))
     else:
         prefix = 0
     runs = _runs(interior.tolist())
     if len(runs) > 8:  # ragged padding: fewer, bigger calls beat many strided ones
         runs, interior = [], torch.zeros_like(interior)
-    edge = ~interior
-    edge[: prefix // c] = False  # done above
-    kst, vst = k.stride(), v.stride()
-    for a, z in runs:
-        m, s = z - a, int(starts[a])
-        # (m, Hg, L, D): strip of block a+i starts at key s + i*c — overlapping views, no copy
-        k_strips = k.as_strided((m, hg, strip, d), (c * kst[1], kst[0], kst[1], kst[2]),
-                                k.storage_offset() + s * kst[1])  # fmt: skip
-        v_strips = v.as_strided((m, hg, strip, d), (c * vst[1], vst[0], vst[1], vst[2]),
-                                v.storage_offset() + s * vst[1])  # fmt: skip
-        q_blocks = q[:, a * c : z * c].view(hg, m, c, d).transpose(0, 1)  # (m, Hg, c, D)
-        o, l_ = attend(q_blocks, k_strips, v_strips, band[None, None], scale, dropout, lse_grad)
-        out[:, a * c : z * c].view(hg, m, c, d).copy_(o.transpose(0, 1))
-        lse[:, a * c : z * c].view(hg, m, c).copy_(l_.transpose(0, 1))
+    # Band of one block: query i (strip position i + hi) attends strip key j iff i <= j <= i + hi - lo.
+    i = torch.arange(c, device=device)[:, None]
+    j = torch.arange(strip, device=device)[None, :]
+    band = (j >= i) & (j <= i + hi - lo)  # (c, L)
+    pieces += [BandPiece(a * c, z * c, z - a, c, int(starts[a]), strip, band) for a, z in runs]
     # Edge, partial and padded blocks: consecutive ones go together as one call on contiguous
     # q/k/v slices (views) with an explicit (rows, keys) mask. Calls are capped at ~L/4 rows
     # so that a long padded stretch never turns into an n×n mask.
+    edge = ~interior
+    edge[: prefix // c] = False  # done above
     chunk = max(1, (strip // 4) // c)
     for a, z in _runs(edge.tolist()):
         for a2 in range(a, z, chunk):
             r0, r1 = a2 * c, min(min(z, a2 + chunk) * c, n_q)
             k0, k1 = max(0, q0 + r0 - hi), min(n_k, q0 + r1 - lo)
-            if k1 <= k0:  # no key in reach: output 0 (the kernel's convention for empty rows)
-                out[:, r0:r1] = 0
-                lse[:, r0:r1] = float("-inf")
+            if k1 <= k0:  # no key in reach
+                pieces.append(BandPiece(r0, r1, 1, r1 - r0, k0, 0, None))
                 continue
-            rel = torch.arange(q0 + r0, q0 + r1, device=dev)[:, None] - torch.arange(k0, k1, device=dev)
+            rel = torch.arange(q0 + r0, q0 + r1, device=device)[:, None] - torch.arange(k0, k1, device=device)
             mask = (rel >= lo) & (rel <= hi)  # (rows, keys)
             if keys_ok is not None:
                 mask &= keys_ok[k0:k1]
-            o, l_ = attend(q[None, :, r0:r1], k[None, :, k0:k1], v[None, :, k0:k1], mask[None, None],
-                           scale, dropout, lse_grad)  # fmt: skip
-            out[:, r0:r1] = o[0]
-            lse[:, r0:r1] = l_[0].to(lse.dtype)
+            pieces.append(BandPiece(r0, r1, 1, r1 - r0, k0, k1 - k0, mask))
+    return pieces
+
+
+def _band(q, k, v, keys_ok, lo, hi, q0, scale, dropout, block_size, lse_grad=False, out=None, pieces=None):
+    """Undilated band (see band_plan; `pieces` given: that plan). q: (Hg, n_q, D), k/v:
+    (Hg, n_k, D). Returns out (Hg, n_q, D) — written into `out` when given — and lse (Hg, n_q)."""
+    hg, n_q, d = q.shape
+    if out is None:
+        out = q.new_empty(hg, n_q, d)
+    lse = q.new_empty(hg, n_q, dtype=torch.float32 if q.dtype != torch.float64 else q.dtype)
+    if pieces is None:
+        pieces = band_plan(n_q, k.shape[1], keys_ok, lo, hi, q0, block_size, q.device)
+    for piece in pieces:
+        if piece.length == 0:  # output 0 (the kernel's convention for empty rows)
+            piece.rows(out).zero_()
+            piece.rows(lse).fill_(float("-inf"))
+            continue
+        mask = None if piece.mask is None else piece.mask[None, None]
+        o, l_ = attend(piece.rows(q), piece.keys(k), piece.keys(v), mask, scale, dropout, lse_grad,
+                       is_causal=piece.is_causal)  # fmt: skip
+        piece.rows(out).copy_(o)
+        piece.rows(lse).copy_(l_)
     return out, lse
 
 
@@ -263,16 +301,21 @@ def _runs(flags: list[bool]) -> list[tuple[int, int]]:
 def _add_global_keys(o, lse, q, k, v, glob, causal, q0, scale, dropout, inplace):
     """Every query also attends the global keys (Longformer's symmetric global attention)."""
     g_idx = glob.nonzero().flatten()  # (G,)
-    n_q = q.shape[1]
-    allowed = torch.ones(n_q, len(g_idx), dtype=torch.bool, device=q.device)  # (n_q, G)
-    if causal:
-        q_pos = torch.arange(q0, q0 + n_q, device=q.device)[:, None]
-        allowed = allowed & (g_idx[None, :] <= q_pos)
+    allowed = _global_key_mask(g_idx, q.shape[1], causal, q0)  # (n_q, G)
     o_g, l_g = attend(
         q[None], k[None, :, g_idx], v[None, :, g_idx], allowed[None, None], scale, dropout,
         need_lse_grad=True,
     )
     return merge_lse(o, lse, o_g[0], l_g[0], inplace=inplace)
+
+
+def _global_key_mask(g_idx: Tensor, n_q: int, causal: bool, q0: int) -> Tensor:  # (n_q, G) bool
+    """Which queries may attend each global key: all of them, or those at or after it if causal."""
+    allowed = torch.ones(n_q, len(g_idx), dtype=torch.bool, device=g_idx.device)
+    if causal:
+        q_pos = torch.arange(q0, q0 + n_q, device=g_idx.device)[:, None]
+        allowed = allowed & (g_idx[None, :] <= q_pos)
+    return allowed
 
 
 def _global_queries(o, q, k, v, glob, pad, causal, q0, scale, dropout, inplace):
