@@ -143,8 +143,8 @@ def inputs(n: int, seed: int = 0):
     return tuple(torch.randn(1, HEADS, n, HEAD_DIM, generator=g) for _ in range(3))
 
 
-def best_time(fn, repeat: int) -> float:
-    with torch.no_grad():
+def best_time(fn, repeat: int, grad: bool = False) -> float:
+    with torch.set_grad_enabled(grad):
         fn()  # warm-up
         times = []
         for _ in range(repeat):
@@ -240,23 +240,14 @@ def bench_training(n: int, repeat: int) -> list[dict]:
 
         return go
 
-    def best(fn):  # best_time's no_grad would turn autograd off
-        fn()
-        times = []
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return min(times)
-
-    dense_t = {causal: best(step(d["run"])) for causal, d in dense.items()}
+    dense_t = {causal: best_time(step(d["run"]), repeat, grad=True) for causal, d in dense.items()}
     rows = [{"variant": d["name"], "causal": causal, "n": n, "seconds": dense_t[causal], "speedup": 1.0}
             for causal, d in dense.items()]  # fmt: skip
     for name in TRAINED:
         if name not in variants:
             continue
         var = variants[name]
-        t = best(step(var["run"]))
+        t = best_time(step(var["run"]), repeat, grad=True)
         rows.append({"variant": name, "causal": var["causal"], "n": n, "seconds": t, "speedup": dense_t[var["causal"]] / t})
     return rows
 
