@@ -17,8 +17,12 @@ range, no masked key) the strips are an `as_strided` view of the keys — no cop
 go through the fused CPU flash kernel in one call with one tiny (c, L) band mask shared by
 every block. The other blocks (sequence edges, padded stretches, neighbours of a global key)
 go in short runs on contiguous slices with their own explicit (rows, keys) mask, at most
-~L/4 rows at a time. Global keys and global queries are separate small attentions, merged
-exactly by log-sum-exp. Nothing of size n_q × n_k is ever built.
+~L/4 rows at a time (band_plan lists these calls). Global keys and global queries are separate
+small attentions, merged exactly by log-sum-exp. Nothing of size n_q × n_k is ever built.
+
+Training runs fused kernels backward too: the strips' key gradient is summed back by
+strips.py, and with global tokens the band and the global keys form one softmax whose backward
+is joint.py's (the fused backward per call, with the joint output and log-sum-exp).
 """
 
 from __future__ import annotations
