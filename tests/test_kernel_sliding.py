@@ -206,6 +206,25 @@ def test_no_n_by_n_allocation(causal):
     assert biggest < n * n * 4 / 8, f"an op allocated {biggest / 2**20:.1f} MiB"
 
 
+@pytest.mark.parametrize("dilation", [1, [1, 2]])  # 1: the fused joint backward; [1, 2]: explicit scores per residue
+def test_no_n_by_n_allocation_in_a_training_step(dilation):
+    from torch.profiler import ProfilerActivity, profile
+
+    n = 4096
+    q, k, v = (torch.randn(1, 2, n, 16, requires_grad=True) for _ in range(3))
+    pad = torch.ones(1, n, dtype=torch.bool)
+    pad[0, -100:] = False
+    glob = torch.zeros(1, n, dtype=torch.bool)
+    glob[0, [0, 2000]] = True
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = sliding_window_attention(q, k, v, window=64, causal=False, dilation=dilation,
+                                       global_mask=glob, key_padding_mask=pad)  # fmt: skip
+        out.square().sum().backward()
+    biggest = max(e.cpu_memory_usage for e in prof.events())
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+    assert biggest < n * n * 4 / 8, f"an op allocated {biggest / 2**20:.1f} MiB"
+
+
 @pytest.mark.parametrize(
     "kwargs, msg",
     [
