@@ -95,8 +95,8 @@ def save_diff(model, out_dir: str, *, base_dir: str | None = None, overwrite: bo
             "replaced_sha256": {n: h for n, h in sorted(surgery.base_hashes.items()) if n in tensors},
         },
         "recipes": [_recipe_file(i) for i in range(len(surgery.recipes))],
-        # every rule's parameters with the defaults filled in: a later surgeon whose defaults
-        # differ must not silently rebuild a different function around these tensors
+        # every rule's parameters with the defaults filled in: load_recipes re-applies these,
+        # so a later surgeon whose defaults differ still rebuilds the function of these tensors
         "rules": [{"do": r.action, "with": r.params} for r in surgery.ledger.rules],
         "tensors": {
             name: {

@@ -26,9 +26,9 @@ class LatentParams(pydantic.BaseModel):
     m: int  # number of latent slots; cost O(n·m)
     init: Literal["random"] = "random"  # N(0, 1) latents (identical latents could never separate)
     seed: int = 0
-    # "latent": slot keys = the latents themselves (two passes over the tokens: 26.7-28.6x dense
+    # "latent": slot keys = the latents themselves (two passes over the tokens: 26.0-27.8x dense
     # SDPA at n=16384, m=256); "attended": slot keys = latent-weighted mean of the token keys (a
-    # third pass, 18.2-18.4x). Same zero-shot MiniLM fidelity (0.470 both) and, after 570 s of
+    # third pass, 17.0-19.2x). Same zero-shot MiniLM fidelity (0.470 both) and, after 570 s of
     # distillation, 0.897 vs 0.906 alone and 0.956 vs 0.952 with local_window 16
     # (benchmarks/attention.py, benchmarks/fidelity.py)
     summary_keys: Literal["attended", "latent"] = "latent"

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .sliding import BandPiece, _band, attend, merge_lse
+from .sliding import BandPiece, attend, merge_lse, run_band
 
 _flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
@@ -48,7 +48,7 @@ class _BandWithExtraKeys(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, extra_k, extra_v, extra_mask, pieces, scale):
         with torch.no_grad():
-            out, lse = _band(q, k, v, None, 0, 0, 0, scale, 0.0, None, pieces=pieces)
+            out, lse = run_band(q, k, v, pieces, scale)
             mask = None if extra_mask is None else extra_mask[None]
             o_x, l_x = attend(q[None], extra_k[None], extra_v[None], mask, scale)
             joint_lse = torch.logaddexp(lse, l_x[0].to(lse.dtype))  # (Hg, n_q); -inf: no key at all

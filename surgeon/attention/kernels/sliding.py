@@ -268,15 +268,20 @@ def band_plan(n_q, n_k, keys_ok, lo, hi, q0, block_size, device) -> list[BandPie
     return pieces
 
 
-def _band(q, k, v, keys_ok, lo, hi, q0, scale, dropout, block_size, lse_grad=False, out=None, pieces=None):
-    """Undilated band (see band_plan; `pieces` given: that plan). q: (Hg, n_q, D), k/v:
-    (Hg, n_k, D). Returns out (Hg, n_q, D) — written into `out` when given — and lse (Hg, n_q)."""
+def _band(q, k, v, keys_ok, lo, hi, q0, scale, dropout, block_size, lse_grad=False, out=None):
+    """Undilated band (see band_plan). q: (Hg, n_q, D), k/v: (Hg, n_k, D). Returns out
+    (Hg, n_q, D) — written into `out` when given — and lse (Hg, n_q)."""
+    pieces = band_plan(q.shape[1], k.shape[1], keys_ok, lo, hi, q0, block_size, q.device)
+    return run_band(q, k, v, pieces, scale, dropout, lse_grad, out)
+
+
+def run_band(q, k, v, pieces, scale, dropout=0.0, lse_grad=False, out=None):
+    """The fused calls of a band_plan: out (Hg, n_q, D), written into `out` when given, and
+    lse (Hg, n_q)."""
     hg, n_q, d = q.shape
     if out is None:
         out = q.new_empty(hg, n_q, d)
     lse = q.new_empty(hg, n_q, dtype=torch.float32 if q.dtype != torch.float64 else q.dtype)
-    if pieces is None:
-        pieces = band_plan(n_q, k.shape[1], keys_ok, lo, hi, q0, block_size, q.device)
     for piece in pieces:
         if piece.length == 0:  # output 0 (the kernel's convention for empty rows)
             piece.rows(out).zero_()
