@@ -9,6 +9,15 @@ import torch
 from surgeon.attention.kernels.sliding import sliding_window_attention
 from surgeon.errors import SurgeonError
 
+# Both routes compute the same function: the band plan's blocked calls, and the one masked call
+# that short inputs take (sliding_masked.py). Tiny test sizes would always take the masked one
+# under method="auto", so each reference test runs both explicitly.
+
+
+@pytest.fixture(params=["blocked", "masked"])
+def method(request):
+    return request.param
+
 
 def reference_mask(n_q, n_k, window, causal, dilation, glob=None, pad=None):
     """(H_groups, n_q, n_k) bool per dilation group, for one batch element."""
@@ -51,7 +60,8 @@ def dense_reference(q, k, v, masks_per_batch, scale):
 
 
 def run_case(b=2, h=4, h_kv=4, n_q=37, n_k=37, d=8, window=6, causal=False, dilation=1,
-             glob_pos=None, glob_mask=None, pad=None, block_size=None, dtype=torch.float64, seed=0):
+             glob_pos=None, glob_mask=None, pad=None, block_size=None, dtype=torch.float64, seed=0,
+             method="blocked"):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(b, h, n_q, d, generator=g, dtype=dtype)
     k = torch.randn(b, h_kv, n_k, d, generator=g, dtype=dtype)
@@ -64,7 +74,7 @@ def run_case(b=2, h=4, h_kv=4, n_q=37, n_k=37, d=8, window=6, causal=False, dila
     scale = 0.3
     out = sliding_window_attention(
         q, k, v, window=window, causal=causal, dilation=dilation, global_mask=glob,
-        key_padding_mask=pad, scaling=scale, block_size=block_size,
+        key_padding_mask=pad, scaling=scale, block_size=block_size, method=method,
     )
     masks = [
         reference_mask(n_q, n_k, window, causal, dils,
@@ -80,44 +90,44 @@ def run_case(b=2, h=4, h_kv=4, n_q=37, n_k=37, d=8, window=6, causal=False, dila
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("window", [1, 2, 5, 8, 16, 33])
 @pytest.mark.parametrize("block_size", [None, 3, 8])
-def test_window_matches_reference(causal, window, block_size):
-    out, ref = run_case(window=window, causal=causal, block_size=block_size)
+def test_window_matches_reference(causal, window, block_size, method):
+    out, ref = run_case(method=method, window=window, causal=causal, block_size=block_size)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_window_covering_sequence_equals_dense(causal):
+def test_window_covering_sequence_equals_dense(causal, method):
     n = 29
-    out, ref = run_case(n_q=n, n_k=n, window=2 * n + 2, causal=causal)
+    out, ref = run_case(method=method, n_q=n, n_k=n, window=2 * n + 2, causal=causal)
     dense_masks = [reference_mask(n, n, 10**6, causal, [1])] * 2
     assert all(bool(m.all()) for m in dense_masks) or causal
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
     q = torch.randn(1, 2, n, 8, dtype=torch.float64)
     full = torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=causal)
-    ours = sliding_window_attention(q, q, q, window=2 * n, causal=causal)
+    ours = sliding_window_attention(q, q, q, window=2 * n, causal=causal, method=method)
     torch.testing.assert_close(ours, full, atol=1e-10, rtol=0)
 
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("dilation", [2, 3, [1, 2], [1, 3, 2, 4]])
-def test_dilation_per_head_group(causal, dilation):
-    out, ref = run_case(window=6, causal=causal, dilation=dilation, n_q=41, n_k=41, block_size=4)
+def test_dilation_per_head_group(causal, dilation, method):
+    out, ref = run_case(method=method, window=6, causal=causal, dilation=dilation, n_q=41, n_k=41, block_size=4)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_global_positions_and_mask(causal):
-    out, ref = run_case(window=4, causal=causal, glob_pos=[0, 17], block_size=4)
+def test_global_positions_and_mask(causal, method):
+    out, ref = run_case(method=method, window=4, causal=causal, glob_pos=[0, 17], block_size=4)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
     gm = torch.zeros(2, 37, dtype=torch.bool)
     gm[0, [3, 30]] = True  # batch elements with different global tokens; batch 1 has none
-    out, ref = run_case(window=4, causal=causal, glob_mask=gm, dilation=[1, 2], block_size=5)
+    out, ref = run_case(method=method, window=4, causal=causal, glob_mask=gm, dilation=[1, 2], block_size=5)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("side", ["left", "right"])
-def test_padding(causal, side):
+def test_padding(causal, side, method):
     n = 40
     pad = torch.ones(2, n, dtype=torch.bool)
     if side == "left":
@@ -126,24 +136,24 @@ def test_padding(causal, side):
     else:
         pad[0, 27:] = False
         pad[1, 38:] = False
-    out, ref = run_case(n_q=n, n_k=n, window=6, causal=causal, pad=pad, glob_pos=[0, 14], block_size=4)
+    out, ref = run_case(method=method, n_q=n, n_k=n, window=6, causal=causal, pad=pad, glob_pos=[0, 14], block_size=4)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
-    out, ref = run_case(n_q=n, n_k=n, window=7, causal=causal, pad=pad, dilation=[2, 1], block_size=8)
+    out, ref = run_case(method=method, n_q=n, n_k=n, window=7, causal=causal, pad=pad, dilation=[2, 1], block_size=8)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_gqa(causal):
-    out, ref = run_case(h=8, h_kv=2, window=5, causal=causal, dilation=[1, 2], glob_pos=[5])
+def test_gqa(causal, method):
+    out, ref = run_case(method=method, h=8, h_kv=2, window=5, causal=causal, dilation=[1, 2], glob_pos=[5])
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("n_q", [1, 3, 9])
 @pytest.mark.parametrize("dilation", [1, 2])
-def test_decode_queries_are_last_positions(n_q, dilation):
+def test_decode_queries_are_last_positions(n_q, dilation, method):
     pad = torch.ones(2, 30, dtype=torch.bool)
     pad[1, :4] = False
-    out, ref = run_case(n_q=n_q, n_k=30, window=7, causal=True, dilation=dilation, pad=pad,
+    out, ref = run_case(method=method, n_q=n_q, n_k=30, window=7, causal=True, dilation=dilation, pad=pad,
                         glob_pos=[4], block_size=4)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
 
@@ -171,14 +181,15 @@ def test_causal_prefix_fast_path(pad_side, glob_pos):
     torch.testing.assert_close(g, g_ref, atol=1e-8, rtol=0)
 
 
-def test_float32_and_grad_with_globals():
-    out, ref = run_case(dtype=torch.float32, window=8, glob_pos=[0], dilation=[1, 2])
+def test_float32_and_grad_with_globals(method):
+    out, ref = run_case(method=method, dtype=torch.float32, window=8, glob_pos=[0], dilation=[1, 2])
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
     # gradients through the log-sum-exp merge match the dense masked reference
     q = torch.randn(1, 2, 20, 4, dtype=torch.float64, requires_grad=True)
     glob = torch.zeros(1, 20, dtype=torch.bool)
     glob[0, 0] = True
-    out = sliding_window_attention(q, q, q, window=4, causal=False, global_mask=glob, block_size=4)
+    out = sliding_window_attention(q, q, q, window=4, causal=False, global_mask=glob, block_size=4,
+                                   method=method)
     (g,) = torch.autograd.grad(out.square().sum(), q)
     m = reference_mask(20, 20, 4, False, [1], glob[0])
     ref = dense_reference(q, q, q, [m], q.shape[-1] ** -0.5)
@@ -233,6 +244,7 @@ def test_no_n_by_n_allocation_in_a_training_step(dilation):
         (dict(window=4, dilation=[1, 2, 3]), "head groups"),
         (dict(window=4, key_padding_mask=torch.ones(2, 5, dtype=torch.bool)), "key_padding_mask"),
         (dict(window=4, global_mask=torch.ones(1, 10)), "global_mask"),
+        (dict(window=4, method="dense"), "method"),
     ],
 )
 def test_bad_input(kwargs, msg):
@@ -241,7 +253,7 @@ def test_bad_input(kwargs, msg):
         sliding_window_attention(q, q, q, causal=False, **kwargs)
 
 
-def test_dropout_path_trains():
+def test_dropout_path_trains(method):
     """Dropout has no fused path: the explicit-scores path must run, differ from eval, and
     with p→0 agree with it."""
     q = torch.randn(1, 2, 40, 8, requires_grad=True)
@@ -249,10 +261,10 @@ def test_dropout_path_trains():
     glob[0, 0] = True
     kw = dict(window=8, causal=False, global_mask=glob, block_size=8)
     torch.manual_seed(0)
-    dropped = sliding_window_attention(q, q, q, dropout=0.5, **kw)
-    exact = sliding_window_attention(q, q, q, **kw)
+    dropped = sliding_window_attention(q, q, q, dropout=0.5, method=method, **kw)
+    exact = sliding_window_attention(q, q, q, method=method, **kw)
     assert (dropped - exact).abs().max() > 1e-3
-    tiny = sliding_window_attention(q, q, q, dropout=1e-12, **kw)
+    tiny = sliding_window_attention(q, q, q, dropout=1e-12, method=method, **kw)
     torch.testing.assert_close(tiny, exact, atol=1e-5, rtol=0)
     (g,) = torch.autograd.grad(dropped.sum(), q)
     assert torch.isfinite(g).all()
@@ -261,7 +273,7 @@ def test_dropout_path_trains():
 @pytest.mark.parametrize("window,causal", [(8, False), (6, False), (5, True), (3, False)])
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("global_positions", [None, [0], [0, 21, 33]])
-def test_gradients_of_query_key_value_match_the_reference(window, causal, padded, global_positions):
+def test_gradients_of_query_key_value_match_the_reference(window, causal, padded, global_positions, method):
     # with block_size 4 most blocks are interior: their keys are overlapping strips whose
     # gradient is summed back by overlapping_strips (strip length a multiple of 4 or not);
     # with global tokens the band and the global keys share one softmax whose backward is
@@ -279,7 +291,7 @@ def test_gradients_of_query_key_value_match_the_reference(window, causal, padded
         glob = torch.zeros(2, n, dtype=torch.bool)
         glob[:, global_positions] = True
     out = sliding_window_attention(*tensors, window=window, causal=causal, key_padding_mask=pad, global_mask=glob,
-                                   block_size=4)  # fmt: skip
+                                   block_size=4, method=method)  # fmt: skip
     masks = [reference_mask(n, n, window, causal, [1], glob=None if glob is None else glob[bi],
                             pad=None if pad is None else pad[bi]) for bi in range(2)]  # fmt: skip
     ref = dense_reference(*tensors, masks, d**-0.5)
@@ -291,7 +303,7 @@ def test_gradients_of_query_key_value_match_the_reference(window, causal, padded
 
 
 @pytest.mark.parametrize("dilation", [1, [1, 2]])
-def test_gradients_with_gqa_globals_and_dilation(dilation):
+def test_gradients_with_gqa_globals_and_dilation(dilation, method):
     # 4 query heads share 2 key heads; dilation 1 trains through joint.py, the dilated group
     # through explicit scores per residue: both must match the reference
     n = 40
@@ -300,7 +312,8 @@ def test_gradients_with_gqa_globals_and_dilation(dilation):
     k, v = (torch.randn(2, 2, n, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
     glob = torch.zeros(2, n, dtype=torch.bool)
     glob[:, [0, 13]] = True
-    out = sliding_window_attention(q, k, v, window=8, causal=False, global_mask=glob, block_size=4, dilation=dilation)
+    out = sliding_window_attention(q, k, v, window=8, causal=False, global_mask=glob, block_size=4, dilation=dilation,
+                                   method=method)
     groups = [dilation] if isinstance(dilation, int) else dilation
     ref = dense_reference(q, k, v, [reference_mask(n, n, 8, False, groups, glob=glob[bi]) for bi in range(2)], 8**-0.5)
     weight = torch.randn(out.shape, generator=g, dtype=torch.float64)
@@ -308,3 +321,31 @@ def test_gradients_with_gqa_globals_and_dilation(dilation):
     grads_ref = torch.autograd.grad((ref * weight).sum(), (q, k, v))
     for name, got, want in zip("qkv", grads, grads_ref):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9, msg=f"d{name}")
+
+
+def test_auto_route_takes_the_mask_only_for_short_inputs():
+    from surgeon.attention.kernels.sliding_masked import masked_is_cheaper
+
+    # a sentence encoder's batch (8 × 256 tokens, 12 heads of 32, ±32 and a global token):
+    # the blocked plan's fixed cost per call dominates — measured 1.8× slower than the mask
+    assert masked_is_cheaper(8, 12, 32, 256, 256, -32, 32, [1], True, None)
+    # long inputs, or a narrow window over a medium one: the band computes far fewer scores
+    assert not masked_is_cheaper(1, 12, 64, 4096, 4096, -256, 256, [1], False, None)
+    assert not masked_is_cheaper(1, 12, 64, 1024, 1024, -8, 8, [1], False, None)
+    assert not masked_is_cheaper(1, 12, 64, 1024, 1024, -64, 64, [1, 2], True, None)
+    # never an n×n mask past 2^20 scores per batch element, whatever the window
+    assert not masked_is_cheaper(1, 12, 64, 2048, 2048, -2000, 2000, [1], False, None)
+
+
+@pytest.mark.parametrize("n", [40, 1500])
+def test_auto_route_equals_both_routes(n):
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 4, n, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    glob = torch.zeros(2, n, dtype=torch.bool)
+    glob[:, 0] = True
+    pad = torch.ones(2, n, dtype=torch.bool)
+    pad[1, n - 7 :] = False
+    kw = dict(window=16, causal=False, dilation=[1, 2], global_mask=glob, key_padding_mask=pad)
+    auto = sliding_window_attention(q, k, v, **kw)
+    for method in ("blocked", "masked"):
+        torch.testing.assert_close(auto, sliding_window_attention(q, k, v, method=method, **kw), atol=1e-10, rtol=0)

@@ -20,6 +20,10 @@ go in short runs on contiguous slices with their own explicit (rows, keys) mask,
 ~L/4 rows at a time (band_plan lists these calls). Global keys and global queries are separate
 small attentions, merged exactly by log-sum-exp. Nothing of size n_q × n_k is ever built.
 
+Short inputs (at most 2^20 scores per batch element) may instead go through one masked call
+(sliding_masked.py) when its measured cost model says that is cheaper: the fixed cost of the
+blocked path's many calls outweighs the scores the mask wastes there.
+
 Training runs fused kernels backward too: the strips' key gradient is summed back by
 strips.py, and with global tokens the band and the global keys form one softmax whose backward
 is joint.py's (the fused backward per call, with the joint output and log-sum-exp).
@@ -70,6 +74,7 @@ def sliding_window_attention(
     scaling: float | None = None,
     dropout: float = 0.0,
     block_size: int | None = None,
+    method: str = "auto",  # "blocked": band_plan's calls; "masked": one masked call (sliding_masked.py)
 ) -> Tensor:  # (B, H, n_q, D)
     b, h, n_q, d = query.shape
     n_k = key.shape[2]
@@ -80,6 +85,22 @@ def sliding_window_attention(
     q0 = n_k - n_q  # position of the first query among the keys
 
     key, value = expand_kv(key, h), expand_kv(value, h)  # (B, H, n_k, D)
+    if method not in ("auto", "blocked", "masked"):
+        raise SurgeonError(f"sliding_window_attention: method must be auto, blocked or masked, got {method!r}")
+    if method != "blocked":
+        from .sliding_masked import masked_is_cheaper, masked_sliding_attention
+
+        if global_mask is not None and key_padding_mask is not None:
+            global_mask = global_mask & key_padding_mask  # a padded position is never global
+        if global_mask is not None and not bool(global_mask.any()):
+            global_mask = None
+        if method == "masked" or masked_is_cheaper(
+            b, h, d, n_q, n_k, lo, hi, dilations, global_mask is not None, block_size
+        ):
+            return masked_sliding_attention(
+                query, key, value, lo=lo, hi=hi, causal=causal, dilations=dilations, global_mask=global_mask,
+                key_padding_mask=key_padding_mask, scale=scale, dropout=dropout,
+            )  # fmt: skip
     # (B, H, n_q, D) view of a (B, n_q, H, D) buffer: transformers wants (B, n_q, H, D) back,
     # so the caller's transpose(1, 2).contiguous() is then free instead of a copy of the output.
     out = query.new_empty(b, n_q, h, d).transpose(1, 2)
