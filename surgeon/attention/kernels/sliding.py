@@ -242,6 +242,11 @@ def band_plan(n_q, n_k, keys_ok, lo, hi, q0, block_size, device) -> list[BandPie
     c = max(1, min(block_size or default_block_size(lo, hi), n_q))
     nb = -(-n_q // c)
     strip = c + hi - lo  # keys seen by one query block
+    if strip >= 64:
+        # The fused kernel runs measurably faster on key counts that are multiples of 16 (its
+        # vector width): at c = 32, 543 keys took 6 % longer than 544, 95 took 15 % longer than
+        # 96. So the strip grows to one; the band mask leaves the extra keys out.
+        strip = -(-strip // 16) * 16
     starts = q0 - hi + c * torch.arange(nb, device=device)  # first key of each block's strip
     # Interior blocks: full block, strip inside [0, n_k), every key attendable. They are read
     # as strided views of q/k/v (no copy) and share one (c, L) band mask.
