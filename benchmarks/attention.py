@@ -5,9 +5,11 @@
 
 Attention core: batch 1, 12 heads, head dim 64, fp32, CPU, `torch.set_num_threads(2)`,
 n = 1024, 4096, 16384. Each variant is timed against dense `F.scaled_dot_product_attention`
-(causal variants against causal SDPA) in the same process, best of `--repeat` runs after one
-warm-up. Beside each speedup is its FLOP-ratio limit: dense (query, key) score pairs divided by
-the variant's — the speedup a kernel with the same efficiency per score as dense would get.
+(causal variants against causal SDPA) in the same process: after one warm-up each, `--repeat`
+rounds each run every baseline and variant once, in turn, and each keeps its best time — so a
+drift of the host's speed hits a variant and its baseline alike. Beside each speedup is its
+FLOP-ratio limit: dense (query, key) score pairs divided by the variant's — the speedup a kernel
+with the same efficiency per score as dense would get.
 
 Peak memory: each (variant, n) runs once in a fresh subprocess; we report the rise of the
 process's peak RSS over its RSS after the inputs were allocated (Linux: `VmHWM` after resetting
@@ -26,7 +28,11 @@ host's speed drifts over seconds and sequential timing once put the whole drift 
 
 Training step: forward plus backward (gradients to q, k, v of a fixed random weighting of the
 output) at `--train-n` (4096), each variant against dense SDPA's step (causal SDPA's for causal
-variants), best of `--repeat` after one warm-up.
+variants), best of `--repeat` interleaved rounds after one warm-up.
+
+Short inputs: the sliding-window kernel's two routes (its blocked band plan, one masked fused
+call) and its automatic choice, forward and training step, beside dense SDPA, at the shapes in
+`SHORT_CASES` (a sentence encoder's 8 × 256 batch; one 1024-token sequence).
 
 Other variants plug in without touching this file: if `attention_variants_compressed.py` sits
 beside it, its `VARIANTS` list is appended. Each entry is a dict:
@@ -143,23 +149,12 @@ def inputs(n: int, seed: int = 0):
     return tuple(torch.randn(1, HEADS, n, HEAD_DIM, generator=g) for _ in range(3))
 
 
-def best_time(fn, repeat: int, grad: bool = False) -> float:
-    with torch.set_grad_enabled(grad):
-        fn()  # warm-up
-        times = []
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return min(times)
-
-
-def interleaved_best(fns: dict, repeat: int) -> dict:
+def interleaved_best(fns: dict, repeat: int, grad: bool = False) -> dict:
     """Best time of each function over `repeat` rounds that run every function once, in turn,
     after one warm-up each: slow drifts of the machine's speed (seconds-long on this shared
     host) then hit all of them alike instead of whichever ran last."""
     times = {name: [] for name in fns}
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad):
         for fn in fns.values():
             fn()
         for _ in range(repeat):
@@ -209,13 +204,16 @@ def bench_core(sizes, repeat, memory: bool) -> list[dict]:
     dense = dense_variants()
     for n in sizes:
         q, k, v = inputs(n)
-        reps = max(1, repeat - 1) if n >= 16384 else repeat
-        dense_t = {c: best_time(lambda d=d: d["run"](q, k, v), reps) for c, d in dense.items()}
+        # every round runs the dense baselines and every variant once, in turn (interleaved_best):
+        # a drift of the host's speed then hits a variant and its baseline alike
+        fns = {d["name"]: (lambda d=d: d["run"](q, k, v)) for d in dense.values()}
+        fns.update({var["name"]: (lambda var=var: var["run"](q, k, v)) for var in all_variants()})
+        best = interleaved_best(fns, repeat)
+        dense_t = {c: best[d["name"]] for c, d in dense.items()}
         for c, d in dense.items():
             rows.append(_row(d, n, dense_t[c], dense_t[c], d["pairs"](n), memory))
         for var in all_variants():
-            t = best_time(lambda var=var: var["run"](q, k, v), reps)
-            rows.append(_row(var, n, t, dense_t[var["causal"]], dense[var["causal"]]["pairs"](n), memory))
+            rows.append(_row(var, n, best[var["name"]], dense_t[var["causal"]], dense[var["causal"]]["pairs"](n), memory))
         print(f"  n={n} done", file=sys.stderr)
     return rows
 
@@ -240,16 +238,66 @@ def bench_training(n: int, repeat: int) -> list[dict]:
 
         return go
 
-    dense_t = {causal: best_time(step(d["run"]), repeat, grad=True) for causal, d in dense.items()}
+    fns = {d["name"]: step(d["run"]) for d in dense.values()}
+    fns.update({name: step(variants[name]["run"]) for name in TRAINED if name in variants})
+    best = interleaved_best(fns, repeat, grad=True)
+    dense_t = {causal: best[d["name"]] for causal, d in dense.items()}
     rows = [{"variant": d["name"], "causal": causal, "n": n, "seconds": dense_t[causal], "speedup": 1.0}
             for causal, d in dense.items()]  # fmt: skip
     for name in TRAINED:
-        if name not in variants:
-            continue
-        var = variants[name]
-        t = best_time(step(var["run"]), repeat, grad=True)
-        rows.append({"variant": name, "causal": var["causal"], "n": n, "seconds": t, "speedup": dense_t[var["causal"]] / t})
+        if name in variants:
+            t, causal = best[name], variants[name]["causal"]
+            rows.append({"variant": name, "causal": causal, "n": n, "seconds": t, "speedup": dense_t[causal] / t})
     return rows
+
+
+# Short inputs: sliding_window_attention may take one masked call instead of the band's blocked
+# calls (kernels/sliding_masked.py). (batch, n, heads, head dim, window, global [0])
+SHORT_CASES = [(8, 256, 12, 32, 64, True), (8, 256, 12, 32, 64, False), (1, 1024, 12, 64, 128, True),
+               (1, 1024, 12, 64, 512, False)]  # fmt: skip
+
+
+def bench_short(repeat: int) -> list[dict]:
+    """Forward and training step of both routes, the automatic choice and dense SDPA."""
+    from surgeon.attention.kernels.sliding_masked import masked_is_cheaper
+
+    rows = []
+    for b, n, h, d, window, has_global in SHORT_CASES:
+        g = torch.Generator().manual_seed(2)
+        q, k, v = (torch.randn(b, n, h, d, generator=g).transpose(1, 2).requires_grad_(True) for _ in range(3))
+        weight = torch.randn(b, h, n, d, generator=g)
+        glob = torch.zeros(b, n, dtype=torch.bool)
+        glob[:, 0] = has_global
+        runs = {"dense SDPA": lambda: F.scaled_dot_product_attention(q, k, v)}
+        for method in ("blocked", "masked", "auto"):
+            runs[method] = lambda m=method: sliding_window_attention(
+                q, k, v, window=window, causal=False, global_mask=glob if has_global else None, method=m
+            )  # fmt: skip
+
+        def step(run):
+            return lambda: torch.autograd.grad((run() * weight).sum(), (q, k, v))
+
+        forward = interleaved_best(runs, repeat)
+        training = interleaved_best({name: step(run) for name, run in runs.items()}, repeat, grad=True)
+        masked = masked_is_cheaper(b, h, d, n, n, -(window // 2), window // 2, [1], has_global, None)
+        rows.append({"batch": b, "n": n, "heads": h, "head_dim": d, "window": window, "global": has_global,
+                     "auto_route": "masked" if masked else "blocked", "forward": forward, "training": training})  # fmt: skip
+    return rows
+
+
+def short_table(rows) -> str:
+    lines = ["\nshort inputs (seconds; auto = the route sliding_window_attention picks):",
+             f"{'shape':34s} {'route':>7s} {'pass':>8s} {'dense':>8s} {'blocked':>8s} {'masked':>8s} {'auto':>8s}"
+             f" {'auto vs blocked':>15s}"]  # fmt: skip
+    for r in rows:
+        shape = (f"{r['batch']}×{r['n']}, {r['heads']}×{r['head_dim']}, ±{r['window'] // 2}"
+                 + (" + global" if r["global"] else ""))  # fmt: skip
+        for kind in ("forward", "training"):
+            t = r[kind]
+            lines.append(f"{shape:34s} {r['auto_route']:>7s} {kind:>8s} {t['dense SDPA']:8.4f} {t['blocked']:8.4f} "
+                         f"{t['masked']:8.4f} {t['auto']:8.4f} {t['blocked'] / t['auto']:14.2f}x")  # fmt: skip
+            shape = ""
+    return "\n".join(lines)
 
 
 def training_table(rows) -> str:
@@ -368,6 +416,7 @@ def main() -> None:
     parser.add_argument("--model-n", type=int, default=4096, help="sequence length of the whole-model forward")
     parser.add_argument("--train-n", type=int, default=4096, help="sequence length of the training-step rows")
     parser.add_argument("--no-train", action="store_true", help="skip the training-step rows")
+    parser.add_argument("--no-short", action="store_true", help="skip the short-input rows")
     parser.add_argument("--out", default=str(ROOT / "results"))
     parser.add_argument("--_memory", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -378,14 +427,15 @@ def main() -> None:
     rows = bench_core(args.sizes, args.repeat, not args.no_memory)
     model = None if args.no_model else bench_model(args.model_n, args.model_repeat)
     training = None if args.no_train else bench_training(args.train_n, args.repeat)
-    print(table(rows, model) + (training_table(training) if training else ""))
+    short = None if args.no_short else bench_short(max(args.repeat, 5))
+    print(table(rows, model) + (training_table(training) if training else "") + (short_table(short) if short else ""))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"torch": torch.__version__, "threads": THREADS, "heads": HEADS, "head_dim": HEAD_DIM,
-            "dtype": "float32", "batch": 1, "timing": f"best of {args.repeat} after one warm-up",
+            "dtype": "float32", "batch": 1, "timing": f"best of {args.repeat} interleaved rounds after one warm-up",
             "model_timing": f"best of {args.model_repeat} interleaved rounds (dense, patched, no-op attention)",
             "memory": "peak RSS rise (VmHWM after clear_refs, else ru_maxrss) of one call in a fresh subprocess"}  # fmt: skip
-    result = {"meta": meta, "core": rows, "model": model, "training": training}
+    result = {"meta": meta, "core": rows, "model": model, "training": training, "short": short}
     tmp = out / "attention.json.tmp"  # written whole, then renamed: never a half-written result
     tmp.write_text(json.dumps(result, indent=2))
     tmp.replace(out / "attention.json")

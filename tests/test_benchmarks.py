@@ -29,6 +29,9 @@ def test_attention_benchmark_runs_end_to_end(tmp_path):
     assert {"dense SDPA", "sliding ±256 + global [0]", "latent m=256"} <= set(training)
     assert all(row["seconds"] > 0 for row in training.values())
     assert (tmp_path / "attention.png").stat().st_size > 0
+    short = {(row["n"], row["global"]): row for row in result["short"]}
+    assert short[(256, True)]["auto_route"] == "masked" and short[(1024, False)]["auto_route"] == "blocked"
+    assert all(t > 0 for row in result["short"] for kind in ("forward", "training") for t in row[kind].values())
 
 
 def test_compressed_attention_benchmark_runs_end_to_end(tmp_path):
