@@ -40,3 +40,14 @@ def test_compressed_attention_benchmark_runs_end_to_end(tmp_path):
     rows = json.loads(out.read_text())["core"]
     assert {row["variant"] for row in rows} >= {"dense SDPA", "latent m=256", "latent m=256 + band ±8"}
     assert all(row["seconds"] > 0 for row in rows)
+
+
+def test_sliding_route_benchmark_runs_end_to_end(tmp_path):
+    out = tmp_path / "routes.json"
+    run("sliding_routes.py", "--quick", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert result["shapes"] == len(result["rows"]) == 4
+    assert {row["auto_route"] for row in result["rows"]} == {"masked", "blocked"}
+    for kind in ("forward", "training"):
+        assert result["summary"][kind]["auto_regret_max"] >= 0
+        assert all(t > 0 for row in result["rows"] for t in row[kind].values())

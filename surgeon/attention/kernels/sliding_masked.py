@@ -3,7 +3,7 @@
 The blocked path (sliding.py) pays a fixed cost for every fused call it makes, per batch
 element: the interior strips, the edge chunks, the global keys and queries, the merges. On long
 inputs that is noise; on short ones it dominates. A sentence encoder at 256 tokens with ±32
-windows and a global [CLS] (8 × 256 tokens, 12 heads of 32) ran its attention 1.8× slower
+windows and a global [CLS] (8 × 256 tokens, 12 heads of 32) ran its attention 1.6–1.8× slower
 than a single SDPA call with an explicit 256 × 256 mask, forward and training step alike,
 though the mask computes 2.9× more scores. So below a size where the mask is cheap, the
 pattern is built as one bool (B, n_q, n_k) mask — band (with dilation), key padding, global keys
@@ -11,14 +11,17 @@ and global queries — and every batch element and head goes through the fused k
 (one call per dilation head group). Same function, same conventions: a query with no key left
 outputs zeros.
 
-`masked_is_cheaper` decides with a cost model fitted on this project's 2-core CPU: 168 shapes
-(head dim 32 / 64, batch 1 / 8, n 128…1024, window 16…256, with and without a global token),
-forward and training step, each timed both ways. In units of one score's multiply-adds over
-the head dimension, a blocked score costs ~1.7 masked ones (the kernel's 32-query tiles against
-SDPA's 256), and every fused call of the plan costs ~6.5e6 (≈ 0.2 ms forward, per batch
-element); a global token adds ~80 scores per query plus two calls. Choosing by it cost 0.5 %
-on average over always taking the faster of the two (worst shape 29 %), against 20 % on average
-(worst 3.3×) for always blocking.
+`masked_is_cheaper` decides with a cost model fitted on this project's 2-core CPU by
+`benchmarks/sliding_routes.py`: 168 shapes (head dim 32 / 64, batch 1 / 8, n 128…1024, window
+16…256, with and without a global token), forward and training step, each timed both ways. In
+units of one score's multiply-adds over the head dimension, a blocked score costs ~1.5 (forward)
+to ~2 (training) masked ones — the kernel's 32-query tiles against SDPA's 256 — and every fused
+call of the plan costs ~6.5e6 (≈ 0.2 ms forward, per batch element); a global token adds
+~70–120 scores per query plus two calls. In that script's last run the automatic choice was on
+average 6.9 % (forward) and 1.0 % (training) slower than the faster route, against 12 % and 20 %
+for always blocking, whose worst shapes were 3× slower. Its worst shapes were 45 % / 35 %
+slower: near the boundary the model can pick the slower route, and at a millisecond per call
+the timings themselves vary that much.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from .sliding import attend, band_plan
 # A (B, n_q, n_k) mask per call: beyond ~1M scores per batch element it is no longer small,
 # and by then the band's plan is cheaper anyway for any window that is not nearly dense.
 MASKED_MAX_SCORES = 1 << 20
-_BLOCKED_SCORE_COST = 1.7
+_BLOCKED_SCORE_COST = 1.7  # forward and training step weigh alike: the route serves both
 _CALL_COST = 6.5e6
 _GLOBAL_SCORES_PER_QUERY = 80
 
