@@ -333,8 +333,10 @@ def test_auto_route_takes_the_mask_only_for_short_inputs():
     assert not masked_is_cheaper(1, 12, 64, 4096, 4096, -256, 256, [1], False, None)
     assert not masked_is_cheaper(1, 12, 64, 1024, 1024, -8, 8, [1], False, None)
     assert not masked_is_cheaper(1, 12, 64, 1024, 1024, -64, 64, [1, 2], True, None)
-    # never an n×n mask past 2^20 scores per batch element, whatever the window
+    # never an n×n mask past 2^20 scores per batch element, or 2^23 for the batch, whatever the window
     assert not masked_is_cheaper(1, 12, 64, 2048, 2048, -2000, 2000, [1], False, None)
+    assert masked_is_cheaper(8, 12, 32, 1024, 1024, -500, 500, [1], False, None)
+    assert not masked_is_cheaper(9, 12, 32, 1024, 1024, -500, 500, [1], False, None)
 
 
 @pytest.mark.parametrize("n", [40, 1500])

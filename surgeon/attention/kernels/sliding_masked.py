@@ -35,8 +35,10 @@ from torch import Tensor
 from .sliding import attend, band_plan
 
 # A (B, n_q, n_k) mask per call: beyond ~1M scores per batch element it is no longer small,
-# and by then the band's plan is cheaper anyway for any window that is not nearly dense.
+# and by then the band's plan is cheaper anyway for any window that is not nearly dense. The
+# whole batch's mask stays under 32 MiB as floats (the kernel takes it additive).
 MASKED_MAX_SCORES = 1 << 20
+MASKED_MAX_BATCH_SCORES = 1 << 23
 _BLOCKED_SCORE_COST = 1.7  # forward and training step weigh alike: the route serves both
 _CALL_COST = 6.5e6
 _GLOBAL_SCORES_PER_QUERY = 80
@@ -46,7 +48,7 @@ def masked_is_cheaper(
     batch: int, heads: int, head_dim: int, n_q: int, n_k: int, lo: int, hi: int,
     dilations: Sequence[int], has_global: bool, block_size: int | None,
 ) -> bool:  # fmt: skip
-    if n_q * n_k > MASKED_MAX_SCORES:
+    if n_q * n_k > MASKED_MAX_SCORES or batch * n_q * n_k > MASKED_MAX_BATCH_SCORES:
         return False
     return _masked_is_cheaper(batch, heads, head_dim, n_q, n_k, lo, hi, tuple(dilations), has_global, block_size)
 
