@@ -9,7 +9,8 @@ SDPA where a module has none (cross-attention, unpatched layers, cases a variant
 The matching *mask* function matters: without one transformers passes `attention_mask=None`
 and padding silently disappears (../shared/DESIGN.md §1). We register the flash-attention mask
 function, which hands us a compact (B, kv_len) bool padding mask (True = real token) or None
-when nothing is padded, so no path ever builds an n×n mask.
+when nothing is padded, so no n×n mask is built on the way (the sliding window builds one only
+for short inputs, where one masked call beats its blocked plan: kernels/sliding_masked.py).
 """
 
 from __future__ import annotations
