@@ -7,10 +7,20 @@ import pytest
 import torch
 from conftest import padding_mask, random_qkv
 
+from surgeon.attention.kernels import short_range
 from surgeon.attention.kernels.latent import latent_attention
 from surgeon.attention.kernels.linformer import linformer_attention, linformer_cost, random_projection
 
 INF = float("-inf")
+
+
+@pytest.fixture(params=["blocked", "masked"])
+def route(request, monkeypatch):
+    """Both routes compute the same function: the band's blocked calls merged with the slots,
+    and the one masked call that short inputs take; the tests' tiny sizes would always take
+    the masked one, so each test runs both."""
+    monkeypatch.setattr(short_range, "_masked_route", lambda *args: request.param == "masked")
+    return request.param
 
 
 def joint_softmax(q, k, v, far_k, far_v, far_live, mask, window, scale):
@@ -46,7 +56,7 @@ def latent_slots(k, v, z, mask, scale, groups, summary_keys):
 @pytest.mark.parametrize("h_kv", [4, 2])
 @pytest.mark.parametrize("lengths", [[20, 20], [20, 7]])
 @pytest.mark.parametrize("window", [2, 6, 64])
-def test_linformer_band_matches_the_joint_softmax(h_kv, lengths, window):
+def test_linformer_band_matches_the_joint_softmax(h_kv, lengths, window, route):
     q, k, v = random_qkv(h_kv=h_kv, n=20)
     g = torch.Generator().manual_seed(1)
     e, f = random_projection(6, 32, generator=g).double(), random_projection(6, 32, generator=g).double()
@@ -60,7 +70,7 @@ def test_linformer_band_matches_the_joint_softmax(h_kv, lengths, window):
 
 @pytest.mark.parametrize("summary_keys", ["attended", "latent"])
 @pytest.mark.parametrize("lengths", [[24, 24], [24, 9]])
-def test_latent_band_matches_the_joint_softmax(summary_keys, lengths):
+def test_latent_band_matches_the_joint_softmax(summary_keys, lengths, route):
     q, k, v = random_qkv(h_kv=2, n=24)
     z = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     mask = padding_mask(2, 24, lengths)
@@ -72,7 +82,7 @@ def test_latent_band_matches_the_joint_softmax(summary_keys, lengths):
 
 
 @pytest.mark.parametrize("n", [40, 130])  # 130: some query blocks of 32 read interior key strips
-def test_gradients_match_the_reference(n):
+def test_gradients_match_the_reference(n, route):
     # the band and the slots share one softmax; training runs joint.py's fused backward
     q, k, v = random_qkv(n=n)
     mask = padding_mask(2, n, [n, n - 9])
@@ -94,7 +104,7 @@ def test_gradients_match_the_reference(n):
 
 
 @pytest.mark.parametrize("summary_keys", ["attended", "latent"])
-def test_float32_fused_path_matches_without_grad(summary_keys):
+def test_float32_fused_path_matches_without_grad(summary_keys, route):
     # at inference the band and the slots both go through the fused CPU kernel
     q, k, v = random_qkv(n=200, d=16)
     mask = padding_mask(2, 200, [200, 150])
@@ -113,3 +123,8 @@ def test_cost_adds_the_band():
     banded = linformer_cost(1024, 12, 64, 64, local_window=16)
     assert banded["flops"] - plain["flops"] == 4 * 12 * 1024 * 17 * 64
     assert linformer_cost(1024, 12, 64, 64, local_window=0) == plain
+
+
+def test_short_inputs_take_the_masked_route():
+    assert short_range._masked_route(8, 12, 32, 256, 256 + 64, -8, 8)
+    assert not short_range._masked_route(1, 12, 64, 4096, 4096 + 256, -8, 8)

@@ -12,7 +12,9 @@ With a short-range window w, every query also attends, exactly, the keys within 
     out = softmax([Q·K_bandᵀ | Q·K_farᵀ] · scale) · [V_band ; V_far]
 
 The band runs through the sliding-window kernel's blocked path, the compressed part through
-the fused kernel, and the two partial results merge exactly by log-sum-exp. A key in the band
+the fused kernel, and the two partial results merge exactly by log-sum-exp. Short inputs,
+where the sliding window's cost model prefers it, instead take one masked fused call over
+[tokens | slots] (kernels/sliding_masked.py). A key in the band
 is also inside some slot; as in the Long-Short Transformer the two views sit side by side,
 not deduplicated. Extra cost: O(n·w), against O(n·k) for the compressed part.
 
@@ -28,6 +30,7 @@ from torch import Tensor
 
 from .joint import band_with_extra_keys
 from .sliding import _band, attend, band_plan, expand_kv, merge_lse, window_bounds
+from .sliding_masked import masked_is_cheaper, window_mask
 
 
 def with_short_range(
@@ -47,6 +50,8 @@ def with_short_range(
     key, value = expand_kv(key, h), expand_kv(value, h)  # (B, H, n, D)
     lo, hi = window_bounds(window, causal=False)
     q0 = key.shape[2] - n_q
+    if _masked_route(b, h, d, n_q, key.shape[2] + far_key.shape[2], lo, hi):
+        return _masked(query, key, value, far_key, far_value, lo, hi, far_mask, key_padding_mask, scaling, dropout)
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, far_key, far_value))
     if grad and dropout == 0.0 and query.device.type == "cpu":
         # training: band and slots in one softmax whose backward runs the fused kernel too
@@ -71,6 +76,27 @@ def with_short_range(
         if grad:  # (without autograd, merged is out[bi] itself)
             parts.append(merged)
     return torch.stack(parts) if grad else out
+
+
+def _masked_route(batch, heads, head_dim, n_q, n_keys, lo, hi) -> bool:
+    """Short inputs: one masked call over [tokens | slots] beats the band's blocked calls plus
+    the slots' call and merge (the sliding window's cost model; the slots weigh like a global
+    token's extra call and merge). The slots' own scores are the same either way."""
+    return masked_is_cheaper(batch, heads, head_dim, n_q, n_keys, lo, hi, [1], True, None)
+
+
+def _masked(query, key, value, far_key, far_value, lo, hi, far_mask, key_padding_mask, scaling, dropout):
+    """softmax over [tokens within the band | slots] as one fused call with an explicit mask."""
+    b, h, n_q, _ = query.shape
+    n, slots = key.shape[2], far_key.shape[2]
+    band = window_mask(n_q, n, lo, hi, 1, False, None, key_padding_mask, query.device)[:, None]  # (B|1, 1, n_q, n)
+    far = torch.ones(1, 1, n_q, slots, dtype=torch.bool, device=query.device) if far_mask is None else far_mask
+    far = far.reshape((1,) * (4 - far.dim()) + tuple(far.shape))  # broadcastable to (B, H, n_q, slots)
+    heads = max(band.shape[1], far.shape[1])
+    mask = torch.cat([band.expand(b, heads, n_q, n), far.expand(b, heads, n_q, slots)], dim=-1)  # (B, 1|H, n_q, n + slots)
+    keys = torch.cat([key, far_key.to(key.dtype)], dim=2)  # (B, H, n + slots, D)
+    values = torch.cat([value, far_value.to(value.dtype)], dim=2)
+    return attend(query, keys, values, mask, scaling, dropout)[0]
 
 
 def add_short_range_cost(cost: dict, n: int, heads: int, head_dim: int, window: int) -> dict:
