@@ -126,5 +126,6 @@ def test_cost_adds_the_band():
 
 
 def test_short_inputs_take_the_masked_route():
-    assert short_range._masked_route(8, 12, 32, 256, 256 + 64, -8, 8)
-    assert not short_range._masked_route(1, 12, 64, 4096, 4096 + 256, -8, 8)
+    assert short_range._masked_route(8, 12, 32, 256, 256, -8, 8)
+    assert not short_range._masked_route(1, 12, 64, 4096, 4096, -8, 8)
+    assert not short_range._masked_route(1, 12, 64, 1024, 1024, -8, 8)

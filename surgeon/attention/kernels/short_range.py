@@ -14,9 +14,8 @@ With a short-range window w, every query also attends, exactly, the keys within 
 The band runs through the sliding-window kernel's blocked path, the compressed part through
 the fused kernel, and the two partial results merge exactly by log-sum-exp. Short inputs,
 where the sliding window's cost model prefers it, instead take one masked fused call over
-[tokens | slots] (kernels/sliding_masked.py). A key in the band
-is also inside some slot; as in the Long-Short Transformer the two views sit side by side,
-not deduplicated. Extra cost: O(n·w), against O(n·k) for the compressed part.
+[tokens | slots] (kernels/sliding_masked.py). A key in the band is also inside some slot; as
+in the Long-Short Transformer the two views sit side by side, not deduplicated. Extra cost: O(n·w), against O(n·k) for the compressed part.
 
 On all-MiniLM-L6-v2 at 256 tokens, a window of 16 (±8) lifts the untrained sentence-embedding
 cosine vs dense from 0.76 to 0.89 for Linformer k=64, 0.86 to 0.91 for k=128, and 0.50 to 0.71
@@ -50,7 +49,7 @@ def with_short_range(
     key, value = expand_kv(key, h), expand_kv(value, h)  # (B, H, n, D)
     lo, hi = window_bounds(window, causal=False)
     q0 = key.shape[2] - n_q
-    if _masked_route(b, h, d, n_q, key.shape[2] + far_key.shape[2], lo, hi):
+    if _masked_route(b, h, d, n_q, key.shape[2], lo, hi):
         return _masked(query, key, value, far_key, far_value, lo, hi, far_mask, key_padding_mask, scaling, dropout)
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, far_key, far_value))
     if grad and dropout == 0.0 and query.device.type == "cpu":
@@ -78,11 +77,12 @@ def with_short_range(
     return torch.stack(parts) if grad else out
 
 
-def _masked_route(batch, heads, head_dim, n_q, n_keys, lo, hi) -> bool:
+def _masked_route(batch, heads, head_dim, n_q, n, lo, hi) -> bool:
     """Short inputs: one masked call over [tokens | slots] beats the band's blocked calls plus
-    the slots' call and merge (the sliding window's cost model; the slots weigh like a global
-    token's extra call and merge). The slots' own scores are the same either way."""
-    return masked_is_cheaper(batch, heads, head_dim, n_q, n_keys, lo, hi, [1], True, None)
+    the slots' call and merge. The sliding window's cost model decides on the n tokens alone,
+    the slots weighing like a global token's extra call and merge; their own scores are the same
+    either way."""
+    return masked_is_cheaper(batch, heads, head_dim, n_q, n, lo, hi, [1], True, None)
 
 
 def _masked(query, key, value, far_key, far_value, lo, hi, far_mask, key_padding_mask, scaling, dropout):
