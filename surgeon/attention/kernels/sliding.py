@@ -87,13 +87,13 @@ def sliding_window_attention(
     key, value = expand_kv(key, h), expand_kv(value, h)  # (B, H, n_k, D)
     if method not in ("auto", "blocked", "masked"):
         raise SurgeonError(f"sliding_window_attention: method must be auto, blocked or masked, got {method!r}")
+    if global_mask is not None and key_padding_mask is not None:
+        global_mask = global_mask & key_padding_mask  # a padded position is never global
+    if global_mask is not None and not bool(global_mask.any()):
+        global_mask = None
     if method != "blocked":
         from .sliding_masked import masked_is_cheaper, masked_sliding_attention
 
-        if global_mask is not None and key_padding_mask is not None:
-            global_mask = global_mask & key_padding_mask  # a padded position is never global
-        if global_mask is not None and not bool(global_mask.any()):
-            global_mask = None
         if method == "masked" or masked_is_cheaper(
             b, h, d, n_q, n_k, lo, hi, dilations, global_mask is not None, block_size
         ):
@@ -110,9 +110,7 @@ def sliding_window_attention(
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
     for bi in range(b):
         pad = key_padding_mask[bi] if key_padding_mask is not None else None  # (n_k,)
-        glob = global_mask[bi] if global_mask is not None else None  # (n_k,)
-        if glob is not None and pad is not None:
-            glob = glob & pad  # a padded position is never global
+        glob = global_mask[bi] if global_mask is not None else None  # (n_k,), already & pad
         if glob is not None and not bool(glob.any()):
             glob = None
         # the window part must not see global keys: they are attended once, in the global part
