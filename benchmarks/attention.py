@@ -257,32 +257,37 @@ SHORT_CASES = [(8, 256, 12, 32, 64, True), (8, 256, 12, 32, 64, False), (1, 1024
                (1, 1024, 12, 64, 512, False)]  # fmt: skip
 
 
-def bench_short(repeat: int) -> list[dict]:
-    """Forward and training step of both routes, the automatic choice and dense SDPA."""
+def time_routes(b: int, n: int, h: int, d: int, window: int, has_global: bool, repeat: int,
+                dense: bool = False) -> dict:
+    """Forward and training step of the sliding window's two routes (blocked, masked), its
+    automatic choice and, with `dense`, dense SDPA; bidirectional, global [0] if `has_global`."""
     from surgeon.attention.kernels.sliding_masked import masked_is_cheaper
 
-    rows = []
-    for b, n, h, d, window, has_global in SHORT_CASES:
-        g = torch.Generator().manual_seed(2)
-        q, k, v = (torch.randn(b, n, h, d, generator=g).transpose(1, 2).requires_grad_(True) for _ in range(3))
-        weight = torch.randn(b, h, n, d, generator=g)
-        glob = torch.zeros(b, n, dtype=torch.bool)
-        glob[:, 0] = has_global
-        runs = {"dense SDPA": lambda: F.scaled_dot_product_attention(q, k, v)}
-        for method in ("blocked", "masked", "auto"):
-            runs[method] = lambda m=method: sliding_window_attention(
-                q, k, v, window=window, causal=False, global_mask=glob if has_global else None, method=m
-            )  # fmt: skip
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(b, n, h, d, generator=g).transpose(1, 2).requires_grad_(True) for _ in range(3))
+    weight = torch.randn(b, h, n, d, generator=g)
+    glob = torch.zeros(b, n, dtype=torch.bool)
+    glob[:, 0] = has_global
+    runs = {"dense SDPA": lambda: F.scaled_dot_product_attention(q, k, v)} if dense else {}
+    for method in ("blocked", "masked", "auto"):
+        runs[method] = lambda m=method: sliding_window_attention(
+            q, k, v, window=window, causal=False, global_mask=glob if has_global else None, method=m
+        )  # fmt: skip
 
-        def step(run):
-            return lambda: torch.autograd.grad((run() * weight).sum(), (q, k, v))
+    def step(run):
+        return lambda: torch.autograd.grad((run() * weight).sum(), (q, k, v))
 
-        forward = interleaved_best(runs, repeat)
-        training = interleaved_best({name: step(run) for name, run in runs.items()}, repeat, grad=True)
-        masked = masked_is_cheaper(b, h, d, n, n, -(window // 2), window // 2, [1], has_global, None)
-        rows.append({"batch": b, "n": n, "heads": h, "head_dim": d, "window": window, "global": has_global,
-                     "auto_route": "masked" if masked else "blocked", "forward": forward, "training": training})  # fmt: skip
-    return rows
+    masked = masked_is_cheaper(b, h, d, n, n, -(window // 2), window // 2, [1], has_global, None)
+    return {
+        "batch": b, "n": n, "heads": h, "head_dim": d, "window": window, "global": has_global,
+        "auto_route": "masked" if masked else "blocked", "forward": interleaved_best(runs, repeat),
+        "training": interleaved_best({name: step(run) for name, run in runs.items()}, repeat, grad=True),
+    }  # fmt: skip
+
+
+def bench_short(repeat: int) -> list[dict]:
+    """Both routes, the automatic choice and dense SDPA at the SHORT_CASES shapes."""
+    return [time_routes(*case, repeat, dense=True) for case in SHORT_CASES]
 
 
 def short_table(rows) -> str:

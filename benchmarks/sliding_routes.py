@@ -29,37 +29,18 @@ import torch
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
 
-from attention import interleaved_best  # noqa: E402  (benchmarks/attention.py)
+from attention import time_routes  # noqa: E402  (benchmarks/attention.py)
 from surgeon.attention.kernels import sliding_masked  # noqa: E402
-from surgeon.attention.kernels.sliding import band_plan, sliding_window_attention  # noqa: E402
+from surgeon.attention.kernels.sliding import band_plan  # noqa: E402
 
 HEADS = 12
 
 
 def time_shape(d, b, n, window, has_global, repeat) -> dict:
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(b, n, HEADS, d, generator=g).transpose(1, 2).requires_grad_(True) for _ in range(3))
-    weight = torch.randn(b, HEADS, n, d, generator=g)
-    glob = torch.zeros(b, n, dtype=torch.bool)
-    glob[:, 0] = has_global
-
-    def run(method):
-        return lambda: sliding_window_attention(q, k, v, window=window, causal=False,
-                                                global_mask=glob if has_global else None, method=method)  # fmt: skip
-
-    def step(fn):
-        return lambda: torch.autograd.grad((fn() * weight).sum(), (q, k, v))
-
-    runs = {m: run(m) for m in ("blocked", "masked", "auto")}
+    """attention.time_routes plus what the fit needs: the blocked plan's calls and scores."""
+    row = time_routes(b, n, HEADS, d, window, has_global, repeat)
     pieces = band_plan(n, n, None, -(window // 2), window // 2, 0, None, "cpu")
-    return {
-        "head_dim": d, "batch": b, "n": n, "window": window, "global": has_global, "calls": len(pieces),
-        "scores": sum(p.blocks * (p.r1 - p.r0 if p.blocks == 1 else p.step) * p.length for p in pieces),
-        "auto_route": "masked" if sliding_masked.masked_is_cheaper(
-            b, HEADS, d, n, n, -(window // 2), window // 2, [1], has_global, None) else "blocked",
-        "forward": interleaved_best(runs, repeat),
-        "training": interleaved_best({m: step(f) for m, f in runs.items()}, repeat, grad=True),
-    }  # fmt: skip
+    return {**row, "calls": len(pieces), "scores": sum(p.scores for p in pieces)}
 
 
 def fit(rows: list[dict], kind: str) -> dict:

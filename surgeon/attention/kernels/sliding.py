@@ -215,6 +215,10 @@ class BandPiece:
     mask: Tensor | None
     is_causal: bool = False
 
+    @property
+    def scores(self) -> int:  # (query, key) pairs the call computes, per head
+        return (self.r1 - self.r0) * self.length
+
     def rows(self, x: Tensor) -> Tensor:  # (Hg, n_q, ...) -> (N, Hg, rows of a block, ...), a view
         if self.blocks == 1:
             return x[None, :, self.r0 : self.r1]

@@ -60,7 +60,7 @@ def _masked_is_cheaper(batch, heads, head_dim, n_q, n_k, lo, hi, dilations, has_
     for dil in dilations:  # δ residue bands of ~n/δ positions each (see sliding._dilated_band)
         pieces = band_plan(-(-n_q // dil), -(-n_k // dil), None, lo, hi, -(-n_k // dil) - -(-n_q // dil),
                            block_size, "cpu")  # fmt: skip
-        scores = sum(p.blocks * (p.r1 - p.r0 if p.blocks == 1 else p.step) * p.length for p in pieces)
+        scores = sum(p.scores for p in pieces)
         blocked += dil * (_BLOCKED_SCORE_COST * scores * group_heads * head_dim + _CALL_COST * len(pieces))
     if has_global:
         blocked += _GLOBAL_SCORES_PER_QUERY * n_q * heads * head_dim + 2 * _CALL_COST
