@@ -4,9 +4,12 @@ its JSON. Their numbers are not checked here (timings belong in benchmarks/ and 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -51,3 +54,17 @@ def test_sliding_route_benchmark_runs_end_to_end(tmp_path):
     for kind in ("forward", "training"):
         assert result["summary"][kind]["auto_regret_max"] >= 0
         assert all(t > 0 for row in result["rows"] for t in row[kind].values())
+
+
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="needs a C++ compiler")
+def test_band_kernel_floor_benchmark_computes_the_same_attention(tmp_path):
+    """The hand-written band kernel is only a yardstick if it computes what the fused path does."""
+    out = tmp_path / "floor.json"
+    run("band_kernel_floor.py", "--quick", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert [row["block"] for row in result["rows"]] == [32, 64]
+    for row in result["rows"]:
+        assert row["max_abs_diff_vs_fused"] < 1e-5
+        assert row["useful_scores"] <= row["computed_scores"]
+        assert set(row["seconds"]) == {"fused", "tiles", "tiles, GEMMs only"}
+    assert "model" not in result and result["gemm_flops"] > 0
