@@ -45,12 +45,16 @@ TARGET = 1.7
 
 
 def build_extension():
+    """Compile csrc/band_tiles.cpp (cached by torch under ~/.cache/torch_extensions). -march=native:
+    the build is for this machine only; -ffast-math lets gcc vectorise the softmax reductions."""
     from torch.utils.cpp_extension import load
 
-    return load(
-        "surgeon_band_tiles", [str(ROOT / "csrc" / "band_tiles.cpp")],
-        extra_cflags=["-O3", "-march=native", "-ffast-math"], verbose=False,
-    )  # fmt: skip
+    source = ROOT / "csrc" / "band_tiles.cpp"
+    try:
+        return load("surgeon_band_tiles", [str(source)], extra_cflags=["-O3", "-march=native", "-ffast-math"])
+    except (RuntimeError, OSError, ImportError) as exc:  # no compiler or ninja, or a failed build
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        sys.exit(f"band_kernel_floor: cannot build {source.relative_to(ROOT)}: {first}")
 
 
 def gemm_rate(repeat: int) -> float:
