@@ -1,6 +1,6 @@
 """Attention speed and memory: efficient variants vs dense SDPA, measured in the same run.
 
-    flock /tmp/surgeon-cpu.lock python benchmarks/attention.py            # full run (~3 min)
+    flock /tmp/surgeon-cpu.lock python benchmarks/attention.py            # full run (~5 min)
     python benchmarks/attention.py --sizes 1024 4096 --no-model          # quicker
 
 Attention core: batch 1, 12 heads, head dim 64, fp32, CPU, `torch.set_num_threads(2)`,
@@ -25,6 +25,8 @@ changes it. From it, the speedup a windowed kernel exactly as fast per score as 
 give, and the speedup of free attention: the measured ceilings of the whole-model target.
 The three models are timed in interleaved rounds (`--model-repeat`, best of each), because this
 host's speed drifts over seconds and sequential timing once put the whole drift on one model.
+Two more whole-model rows (JSON "model_more"), the same way: window 256 (±128) at n = 4096, and
+±256 at 2n = 8192, where attention is a larger share of the dense model's FLOPs.
 
 Training step: forward plus backward (gradients to q, k, v of a fixed random weighting of the
 output) at `--train-n` (4096), each variant against dense SDPA's step (causal SDPA's for causal
@@ -320,7 +322,7 @@ def _row(var, n, t, dense_t, dense_pairs, memory):
     }  # fmt: skip
 
 
-def bench_model(n: int, repeat: int) -> dict:
+def bench_model(n: int, repeat: int, window: int = 512) -> dict:
     import transformers
 
     import surgeon
@@ -334,7 +336,7 @@ def bench_model(n: int, repeat: int) -> dict:
     dense = transformers.BertModel(copy.deepcopy(cfg)).eval()
     patched = transformers.BertModel(copy.deepcopy(cfg)).eval()
     patched.load_state_dict(dense.state_dict())
-    recipe = {"surgeon": 1, "rules": [{"do": "sliding_window", "select": {"role": "attn"}, "with": {"window": 512}}]}
+    recipe = {"surgeon": 1, "rules": [{"do": "sliding_window", "select": {"role": "attn"}, "with": {"window": window}}]}
     surgeon.patch(patched, recipe)
     ids = torch.randint(1000, 20000, (1, n), generator=torch.Generator().manual_seed(0))
     # The same model with attention replaced by a no-op (the output is V itself): what the
@@ -353,7 +355,7 @@ def bench_model(n: int, repeat: int) -> dict:
     # Bound: only attention gets faster; its share of FLOPs ≈ n / (n + 6·d_model) (DESIGN §2).
     d_model = cfg.hidden_size
     linear = 2 * n * (4 * d_model * d_model + 2 * d_model * cfg.intermediate_size)
-    attn_dense, attn_local = 4 * n * n * d_model, 4 * n * min(n, 513) * d_model
+    attn_dense, attn_local = 4 * n * n * d_model, 4 * n * min(n, window + 1) * d_model
     # Measured bound: the rest as timed, plus dense attention's measured time divided by the
     # window's FLOP ratio — a windowed kernel exactly as fast per score as dense SDPA.
     t_attention = max(t_dense - t_rest, 0.0)
@@ -363,24 +365,24 @@ def bench_model(n: int, repeat: int) -> dict:
         "speedup": t_dense / t_patched, "flop_limit": (linear + attn_dense) / (linear + attn_local),
         "rest_seconds": t_rest, "attention_free_limit": t_dense / t_rest,
         "measured_limit": t_dense / (t_rest + t_attention * attn_local / attn_dense),
-        "patch": "sliding_window window 512 (±256) on every layer",
+        "patch": f"sliding_window window {window} (±{window // 2}) on every layer", "window": window,
     }  # fmt: skip
 
 
-def table(rows, model) -> str:
+def table(rows, models) -> str:
     lines = [f"{'variant':34s} {'n':>6s} {'time s':>9s} {'speedup':>8s} {'FLOP lim':>9s} {'peak MiB':>9s}"]
     for r in rows:
         mem = "-" if r["peak_rise_bytes"] is None else f"{r['peak_rise_bytes'] / 2**20:.0f}"
         lines.append(
             f"{r['variant']:34s} {r['n']:6d} {r['seconds']:9.4f} {r['speedup']:7.2f}x {r['flop_limit']:8.1f}x {mem:>9s}"
         )
-    if model:
+    for i, m in enumerate(models or []):
         lines.append(
-            f"\nwhole model ({model['config']}), n={model['n']}: dense {model['dense_seconds']:.3f} s, "
-            f"patched {model['patched_seconds']:.3f} s, speedup {model['speedup']:.2f}x "
-            f"(FLOP limit {model['flop_limit']:.2f}x)\n"
-            f"  without attention: {model['rest_seconds']:.3f} s; a window kernel as fast per score as dense SDPA "
-            f"would give {model['measured_limit']:.2f}x, free attention {model['attention_free_limit']:.2f}x"
+            ("\n" if i == 0 else "")
+            + f"whole model ({m['config']}), n={m['n']}, ±{m['window'] // 2}: dense {m['dense_seconds']:.3f} s, "
+            f"patched {m['patched_seconds']:.3f} s, speedup {m['speedup']:.2f}x (FLOP limit {m['flop_limit']:.2f}x)\n"
+            f"  without attention: {m['rest_seconds']:.3f} s; a window kernel as fast per score as dense SDPA "
+            f"would give {m['measured_limit']:.2f}x, free attention {m['attention_free_limit']:.2f}x"
         )
     return "\n".join(lines)
 
@@ -431,16 +433,23 @@ def main() -> None:
     torch.set_num_threads(THREADS)
     rows = bench_core(args.sizes, args.repeat, not args.no_memory)
     model = None if args.no_model else bench_model(args.model_n, args.model_repeat)
+    # beyond the issue's row: a narrower window at the same length, and the same window on an
+    # input twice as long, where attention is a larger share of the model's FLOPs
+    model_more = [] if args.no_model else [
+        bench_model(args.model_n, args.model_repeat, window=256),
+        bench_model(2 * args.model_n, args.model_repeat, window=512),
+    ]  # fmt: skip
     training = None if args.no_train else bench_training(args.train_n, args.repeat)
     short = None if args.no_short else bench_short(max(args.repeat, 5))
-    print(table(rows, model) + (training_table(training) if training else "") + (short_table(short) if short else ""))
+    print(table(rows, [model, *model_more] if model else []) + (training_table(training) if training else "") + (short_table(short) if short else ""))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"torch": torch.__version__, "threads": THREADS, "heads": HEADS, "head_dim": HEAD_DIM,
             "dtype": "float32", "batch": 1, "timing": f"best of {args.repeat} interleaved rounds after one warm-up",
             "model_timing": f"best of {args.model_repeat} interleaved rounds (dense, patched, no-op attention)",
             "memory": "peak RSS rise (VmHWM after clear_refs, else ru_maxrss) of one call in a fresh subprocess"}  # fmt: skip
-    result = {"meta": meta, "core": rows, "model": model, "training": training, "short": short}
+    result = {"meta": meta, "core": rows, "model": model, "model_more": model_more, "training": training,
+              "short": short}  # fmt: skip
     tmp = out / "attention.json.tmp"  # written whole, then renamed: never a half-written result
     tmp.write_text(json.dumps(result, indent=2))
     tmp.replace(out / "attention.json")

@@ -28,6 +28,7 @@ def test_attention_benchmark_runs_end_to_end(tmp_path):
     assert {"dense SDPA", "sliding ±256", "blockwise 16 blocks", "linformer k=256 + band ±8", "lsh 4 hashes, bucket 64"} <= names
     model = result["model"]
     assert model["n"] == 256 and model["rest_seconds"] > 0 and model["measured_limit"] > 0
+    assert [(m["n"], m["window"]) for m in result["model_more"]] == [(256, 256), (512, 512)]
     training = {row["variant"]: row for row in result["training"]}
     assert {"dense SDPA", "sliding ±256 + global [0]", "latent m=256"} <= set(training)
     assert all(row["seconds"] > 0 for row in training.values())
