@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -20,11 +22,14 @@ class SurgeryContext:
       a position table); the growth is counted as added parameters.
     - `attach_attention(target, variant)`: give an attention module an efficient variant.
     - `note(text)`: a line for the report (e.g. "tied lm_head untied").
+    - `warn(text)`: something the patch does not stop for but the user should know now (kept in
+      the surgery's warnings, raised as a UserWarning; the CLI prints it).
     - `state`: a dict private to the current rule, for `finish` (e.g. a tensor shared by layers).
     """
 
-    def __init__(self, model: nn.Module, model_map: ModelMap, ledger: Ledger):
+    def __init__(self, model: nn.Module, model_map: ModelMap, ledger: Ledger, warnings_out: list[str] | None = None):
         self.model = model
+        self.warnings = warnings_out if warnings_out is not None else []
         self.map = model_map
         self.ledger = ledger
         self.rule: RuleRecord | None = None
@@ -109,3 +114,9 @@ class SurgeryContext:
     def note(self, text: str) -> None:
         if self.rule is not None:
             self.rule.notes.append(text)
+
+    def warn(self, text: str) -> None:
+        if self.rule is not None:
+            text = f"{self.rule.where}: {text}"
+        self.warnings.append(text)
+        warnings.warn(text, stacklevel=2)

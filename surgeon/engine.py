@@ -67,7 +67,7 @@ def patch(model: nn.Module, recipe: Recipe | dict | str) -> Surgery:
                 "to this model; patching twice with the same rule would inject twice"
             )
     model_map = ModelMap(model)
-    ctx = SurgeryContext(model, model_map, surgery.ledger)
+    ctx = SurgeryContext(model, model_map, surgery.ledger, surgery.warnings)
     plan = _plan(recipe, model_map, ctx, surgery)
 
     if first:

@@ -122,9 +122,23 @@ def test_tied_lm_head_refused_unless_untie():
 
 def test_tied_embedding_side_refused_too():
     model = tiny_model("gpt2")
-    surgeon.patch(model, _recipe({"path": "transformer.wte"}, r=4))
+    with pytest.warns(UserWarning, match="tied"):
+        surgeon.patch(model, _recipe({"path": "transformer.wte"}, r=4))
     with pytest.raises(SurgeonError, match=r"transformer.wte.weight: it is tied to lm_head.weight"):
         L.merge(model)
+
+
+def test_lora_on_a_tied_weight_warns_when_applied(recwarn):
+    """The merge refusal above is announced when the rule is applied, not first at export."""
+    model = tiny_model("gpt2")
+    surgery = surgeon.patch(model, _recipe({"role": "embed"}, r=4))  # wte (tied to lm_head) and wpe
+    (message,) = surgery.warnings
+    assert "transformer.wte.weight, which is tied to lm_head.weight" in message and "untie: true" in message
+    assert [str(w.message) for w in recwarn.list if issubclass(w.category, UserWarning)] == [message]
+    recwarn.clear()
+    assert surgeon.patch(tiny_model("gpt2"), _recipe({"role": "embed"}, r=4, untie=True)).warnings == []
+    assert surgeon.patch(tiny_model("bert"), _recipe({"regex": ".*word_embeddings"}, r=4)).warnings == []  # untied
+    assert not [w for w in recwarn.list if issubclass(w.category, UserWarning)]
 
 
 def _apply_pieces(state: dict, pieces: list[MergePiece]) -> dict:

@@ -21,6 +21,7 @@ from torch import nn
 from ..errors import SurgeonError
 from ..lora.host import LoraHost
 from ..lora.layer import InputGroup, LoraAdapter
+from ..lora.merge import parameter_names
 from .base import Action, params_config
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
@@ -203,6 +204,26 @@ class Lora(Action):
             f"'{params.name}': {len(targets)} modules{f' ({slices} fused slices)' if slices else ''}, "
             f"r={params.r}, scale={scale:g}" + (f", dropout={params.dropout:g}" if params.dropout else "")
         )
+        if not params.untie:
+            # Found now rather than when `surgeon export` refuses the merge: training, saving and
+            # loading the adapter are fine, only folding it into a shared weight is not.
+            for path, others in _tied_targets(ctx.model, targets):
+                ctx.warn(
+                    f"lora '{params.name}' on {path}.weight, which is tied to {', '.join(others)}: merging it "
+                    "(surgeon export, surgeon.merge) will be refused unless this rule sets untie: true"
+                )
+
+
+def _tied_targets(model: nn.Module, targets) -> list[tuple[str, list[str]]]:
+    """(module path, the weight's other names) for each target whose weight is tied."""
+    names = parameter_names(model)
+    tied = []
+    for target in dict.fromkeys(t.path for t in targets):  # fused slices share their module
+        weight = model.get_submodule(target).weight
+        others = [n for n in names.get(id(weight), []) if n != f"{target}.weight"]
+        if others:
+            tied.append((target, others))
+    return tied
 
 
 def _taken(module: nn.Module, ctx) -> set:

@@ -42,7 +42,7 @@ def lora_hosts(model: nn.Module):
             yield path, module, host
 
 
-def _sharers(model: nn.Module) -> dict[int, list[str]]:
+def parameter_names(model: nn.Module) -> dict[int, list[str]]:
     """id(parameter) -> every name it is reachable by (more than one = tied)."""
     out: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
@@ -94,7 +94,7 @@ def merge_pieces(model: nn.Module, adapters: list[str] | None = None) -> list[Me
     checkpoint does not store: `untied_names` says which base tensor it starts from.
     """
     _check_names(model, adapters)
-    sharers = _sharers(model)
+    sharers = parameter_names(model)
     pieces = []
     for path, module, host in lora_hosts(model):
         names = sharers.get(id(module.weight), [_weight_name(path)])
@@ -113,7 +113,7 @@ def untied_names(model: nn.Module, adapters: list[str] | None = None) -> dict[st
     its own tensor → the canonical base tensor it starts from. Both sides of the tie appear
     (the merged module, and its partner that keeps the unmerged values); a checkpoint holding
     them needs `tie_word_embeddings: false`."""
-    sharers = _sharers(model)
+    sharers = parameter_names(model)
     out: dict[str, str] = {}
     for path, module, host in lora_hosts(model):
         shared = host.tied_weight if host.tied_weight is not None else module.weight  # merged: untied
@@ -161,7 +161,7 @@ def merge(model: nn.Module, adapters: list[str] | None = None) -> int:
     """Fold LoRA adapters (active ones by default) into the base weights in place; return how
     many weights changed. Outputs stay the same; the merged adapters stop adding in forward."""
     merge_pieces(model, adapters)  # name and tie checks: raises before anything changes
-    sharers = _sharers(model)
+    sharers = parameter_names(model)
     plan = []  # (module, host, adapters merged there after this call)
     for _, module, host in lora_hosts(model):
         chosen = [a for n, _, a in host.adapters() if _selected(a, n, adapters)]
