@@ -75,3 +75,12 @@ def test_band_kernel_floor_benchmark_computes_the_same_attention(tmp_path):
         assert row["useful_scores"] <= row["computed_scores"]
         assert set(row["seconds"]) == {"fused", "tiles", "tiles, GEMMs only"}
     assert "model" not in result and result["gemm_flops"] > 0
+
+
+def test_fidelity_capacity_benchmark_runs_end_to_end(tmp_path):
+    out = tmp_path / "capacity.json"
+    run("fidelity_capacity.py", "--steps", "2", "--windows", "2", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert [row["trained"] for row in result["rows"]] == ["LoRA r=8 on q, k, v", "every weight"]
+    for row in result["rows"]:
+        assert 0 < row["before"] < 1 and row["curve"][-1]["step"] == 2 and row["trainable_params"] > 0
