@@ -64,6 +64,7 @@ sys.path.insert(0, str(ROOT.parent))
 
 from surgeon.attention.kernels.blockwise import blockwise_attention  # noqa: E402
 from surgeon.attention.kernels.sliding import sliding_window_attention  # noqa: E402
+from surgeon.fsutil import atomic_write_text  # noqa: E402  (temp file + rename: never half-written)
 
 HEADS, HEAD_DIM, THREADS = 12, 64, 2
 
@@ -450,9 +451,7 @@ def main() -> None:
             "memory": "peak RSS rise (VmHWM after clear_refs, else ru_maxrss) of one call in a fresh subprocess"}  # fmt: skip
     result = {"meta": meta, "core": rows, "model": model, "model_more": model_more, "training": training,
               "short": short}  # fmt: skip
-    tmp = out / "attention.json.tmp"  # written whole, then renamed: never a half-written result
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(out / "attention.json")
+    atomic_write_text(str(out / "attention.json"), json.dumps(result, indent=2))
     plot(rows, out / "attention.png")
 
 

@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from surgeon.attention.kernels.latent import latent_attention  # noqa: E402
 from surgeon.attention.kernels.linformer import linformer_attention, random_projection  # noqa: E402
 from surgeon.attention.kernels.lsh import lsh_attention  # noqa: E402
+from surgeon.fsutil import atomic_write_text  # noqa: E402
 
 _CACHE: dict = {}
 
@@ -111,11 +112,11 @@ def main() -> None:
     print(harness.table(rows, None))
     meta = {"torch": torch.__version__, "threads": harness.THREADS, "heads": harness.HEADS,
             "head_dim": harness.HEAD_DIM, "dtype": "float32", "batch": 1,
-            "timing": f"best of {args.repeat} after one warm-up ({max(1, args.repeat - 1)} at 16k)",
+            "timing": f"best of {args.repeat} interleaved rounds after one warm-up",
             "memory": "peak RSS rise of one call, fresh subprocess (benchmarks/attention.py)"}  # fmt: skip
     out = Path(args.out) if args.out else here / "results" / "attention_compressed.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "core": rows}, indent=2))
+    atomic_write_text(str(out), json.dumps({"meta": meta, "core": rows}, indent=2))
     print(f"wrote {out}")
 
 

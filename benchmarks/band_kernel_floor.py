@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT.parent))
 
 from attention import bench_model, interleaved_best  # noqa: E402  (benchmarks/attention.py)
 from surgeon.attention.kernels.sliding import band_plan, run_band, window_bounds  # noqa: E402
+from surgeon.fsutil import atomic_write_text  # noqa: E402
 
 HEADS, HEAD_DIM, THREADS = 12, 64, 2
 TARGET = 1.7
@@ -153,11 +154,8 @@ def main() -> None:
         result["model"] = model
         result["allowed_ms_per_layer"] = (model["dense_seconds"] / TARGET - model["rest_seconds"]) / 2 * 1e3
     print(table(result))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")  # written whole, then renamed
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(out)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.out, json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -213,12 +213,10 @@ def save_report(path: str, header: dict, rows: list[dict]) -> None:
     ran = {row["case"] for row in rows}
     order = {case[0]: i for i, case in enumerate(CASES)}
     merged = sorted([r for r in kept if r.get("case") not in ran] + rows, key=lambda r: order.get(r.get("case"), len(order)))
+    from surgeon.fsutil import atomic_write_text
+
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump({**header, "rows": merged}, handle, indent=1)
-        handle.write("\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps({**header, "rows": merged}, indent=1) + "\n")
 
 
 def _target(row: dict) -> str:

@@ -73,6 +73,7 @@ def main() -> None:
     import transformers
 
     import surgeon
+    from surgeon.fsutil import atomic_write_text
     from surgeon.train.data import load_tokenizer, pack
 
     transformers.utils.logging.set_verbosity_error()
@@ -99,11 +100,8 @@ def main() -> None:
     print(f"\n{'trained':22s} {'params':>10s} {'before':>7s} {'after':>7s} {'seconds':>8s}")
     for row in rows:
         print(f"{row['trained']:22s} {row['trainable_params']:10,d} {row['before']:7.4f} {row['after']:7.4f} {row['seconds']:8.0f}")
-    tmp = args.out + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(result, handle, indent=1)
-        handle.write("\n")
-    os.replace(tmp, args.out)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    atomic_write_text(args.out, json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -121,10 +121,10 @@ def main() -> None:
         "torch": torch.__version__,
         "rows": rows,
     }
+    from surgeon.fsutil import atomic_write_text
+
     os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-    with open(RESULTS, "w", encoding="utf-8") as handle:
-        json.dump(result, handle, indent=1)
-        handle.write("\n")
+    atomic_write_text(RESULTS, json.dumps(result, indent=1) + "\n")
     print(f"wrote {RESULTS}")
 
 

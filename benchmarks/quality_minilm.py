@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT.parent))
 
 import surgeon  # noqa: E402
 from surgeon.attention import interface  # noqa: E402
+from surgeon.fsutil import atomic_write_text  # noqa: E402
 from surgeon.modelmap import ModelMap  # noqa: E402
 
 SEQ = 256
@@ -165,9 +166,7 @@ def main() -> None:
         "oracle_window_32_cls_plus_far_keys": oracle,
     }  # fmt: skip
     (ROOT / "results").mkdir(exist_ok=True)
-    tmp = ROOT / "results" / "quality_minilm.json.tmp"  # written whole, then renamed
-    tmp.write_text(json.dumps(out, indent=2))
-    tmp.replace(ROOT / "results" / "quality_minilm.json")
+    atomic_write_text(str(ROOT / "results" / "quality_minilm.json"), json.dumps(out, indent=2))
     print(f"all-MiniLM-L6-v2, seq {SEQ}, {out['texts']} stdlib docstring texts; cosine vs dense (mean, min)")
     for r in results:
         print(f"  window {r['window']:>4s}  global [CLS] {str(r['global_cls']):5s}  "

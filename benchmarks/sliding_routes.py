@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT.parent))
 from attention import time_routes  # noqa: E402  (benchmarks/attention.py)
 from surgeon.attention.kernels import sliding_masked  # noqa: E402
 from surgeon.attention.kernels.sliding import band_plan  # noqa: E402
+from surgeon.fsutil import atomic_write_text  # noqa: E402
 
 HEADS = 12
 
@@ -94,10 +95,8 @@ def main() -> None:
     print("  in use: " + ", ".join(f"{k} {v:.3g}" for k, v in in_use.items()))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps({"shapes": len(rows), "repeat": args.repeat, "heads": HEADS, "in_use": in_use,
-                               "summary": summary, "rows": rows}, indent=1))  # fmt: skip
-    tmp.replace(out)
+    atomic_write_text(str(out), json.dumps({"shapes": len(rows), "repeat": args.repeat, "heads": HEADS,
+                                            "in_use": in_use, "summary": summary, "rows": rows}, indent=1))  # fmt: skip
 
 
 if __name__ == "__main__":
