@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .sliding import BandPiece, attend, merge_lse, run_band
+from .sliding import BandPiece, additive_mask, attend, merge_lse, run_band
 
 _flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
@@ -36,12 +36,6 @@ def band_with_extra_keys(
 ) -> Tensor:  # (Hg, n_q, D): softmax over [band keys | extra keys] · [V_band ; V_extra]
     """Exact; no dropout. CPU only (the fused backward is the CPU flash kernel's)."""
     return _BandWithExtraKeys.apply(q, k, v, extra_k, extra_v, extra_mask, pieces, scale)
-
-
-def _additive(mask: Tensor | None, dtype) -> Tensor | None:
-    if mask is None:
-        return None
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
 class _BandWithExtraKeys(torch.autograd.Function):
@@ -69,7 +63,7 @@ class _BandWithExtraKeys(torch.autograd.Function):
         for piece in ctx.pieces:
             if piece.length == 0:
                 continue
-            mask = None if piece.mask is None else _additive(piece.mask, q.dtype)[None, None]
+            mask = None if piece.mask is None else additive_mask(piece.mask, q.dtype)[None, None]
             gq, gk, gv = _flash_backward(
                 piece.rows(grad_out), piece.rows(q), piece.keys(k), piece.keys(v), piece.rows(out),
                 piece.rows(lse).contiguous(), 0.0, piece.is_causal, attn_mask=mask, scale=ctx.scale,
@@ -77,7 +71,7 @@ class _BandWithExtraKeys(torch.autograd.Function):
             piece.rows(dq).add_(gq)
             piece.add_to_keys_(dk, gk)
             piece.add_to_keys_(dv, gv)
-        mask = None if ctx.extra_mask is None else _additive(ctx.extra_mask, q.dtype)[None]
+        mask = None if ctx.extra_mask is None else additive_mask(ctx.extra_mask, q.dtype)[None]
         gq, gxk, gxv = _flash_backward(grad_out[None], q[None], extra_k[None], extra_v[None], out[None],
                                        lse[None].contiguous(), 0.0, False, attn_mask=mask, scale=ctx.scale)  # fmt: skip
         dq += gq[0]

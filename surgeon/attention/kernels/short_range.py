@@ -15,7 +15,8 @@ The band runs through the sliding-window kernel's blocked path, the compressed p
 the fused kernel, and the two partial results merge exactly by log-sum-exp. Short inputs,
 where the sliding window's cost model prefers it, instead take one masked fused call over
 [tokens | slots] (kernels/sliding_masked.py). A key in the band is also inside some slot; as
-in the Long-Short Transformer the two views sit side by side, not deduplicated. Extra cost: O(n·w), against O(n·k) for the compressed part.
+in the Long-Short Transformer the two views sit side by side, not deduplicated. Extra cost:
+O(n·w), against O(n·k) for the compressed part.
 
 On all-MiniLM-L6-v2 at 256 tokens, a window of 16 (±8) lifts the untrained sentence-embedding
 cosine vs dense from 0.76 to 0.89 for Linformer k=64, 0.86 to 0.91 for k=128, and 0.50 to 0.71

@@ -405,15 +405,18 @@ def attend(
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if dropout > 0.0 or (need_lse_grad and grad) or q.device.type != "cpu":
         return _attend_math(q, k, v, mask, scale, dropout, is_causal)
-    additive = None
-    if mask is not None:
-        additive = torch.zeros(mask.shape, dtype=q.dtype, device=q.device)
-        additive.masked_fill_(~mask, float("-inf"))
-    out, lse = _flash_cpu(q, k, v, 0.0, is_causal, attn_mask=additive, scale=scale)
+    out, lse = _flash_cpu(q, k, v, 0.0, is_causal, attn_mask=additive_mask(mask, q.dtype), scale=scale)
     if mask is not None:
         empty = ~mask.any(dim=-1)  # (.., m): the kernel reports lse = 0 there, make it -inf
         lse = lse.masked_fill(empty.expand(lse.shape), float("-inf"))
     return out, lse
+
+
+def additive_mask(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """bool mask (True = may attend) -> the 0 / -inf float mask the fused CPU kernel takes."""
+    if mask is None:
+        return None
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
 def _attend_math(q, k, v, mask, scale, dropout, is_causal):
