@@ -21,7 +21,7 @@ from torch import nn
 from ..errors import SurgeonError
 from ..lora.host import LoraHost
 from ..lora.layer import InputGroup, LoraAdapter
-from ..lora.merge import parameter_names
+from ..lora.merge import parameter_names, tied_partners
 from .base import Action, params_config
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
@@ -215,15 +215,12 @@ class Lora(Action):
 
 
 def _tied_targets(model: nn.Module, targets) -> list[tuple[str, list[str]]]:
-    """(module path, the weight's other names) for each target whose weight is tied."""
+    """(module path, the weight's other names) for each target whose weight is tied — the
+    condition under which merge_pieces refuses an adapter without untie."""
     names = parameter_names(model)
-    tied = []
-    for target in dict.fromkeys(t.path for t in targets):  # fused slices share their module
-        weight = model.get_submodule(target).weight
-        others = [n for n in names.get(id(weight), []) if n != f"{target}.weight"]
-        if others:
-            tied.append((target, others))
-    return tied
+    modules = {t.path: t.module for t in targets}  # fused slices share their module
+    tied = [(path, tied_partners(names, path, module.weight)) for path, module in modules.items()]
+    return [(path, others) for path, others in tied if others]
 
 
 def _taken(module: nn.Module, ctx) -> set:

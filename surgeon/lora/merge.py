@@ -50,6 +50,13 @@ def parameter_names(model: nn.Module) -> dict[int, list[str]]:
     return out
 
 
+def tied_partners(names: dict[int, list[str]], path: str, weight: nn.Parameter) -> list[str]:
+    """The other names of the module at `path`'s weight (empty when untied); `names` is
+    parameter_names(model)."""
+    own = _weight_name(path)
+    return [n for n in names.get(id(weight), [own]) if n != own]
+
+
 def _weight_name(path: str) -> str:
     return f"{path}.weight" if path else "weight"
 
@@ -97,8 +104,7 @@ def merge_pieces(model: nn.Module, adapters: list[str] | None = None) -> list[Me
     sharers = parameter_names(model)
     pieces = []
     for path, module, host in lora_hosts(model):
-        names = sharers.get(id(module.weight), [_weight_name(path)])
-        others = [n for n in names if n != _weight_name(path)]
+        others = tied_partners(sharers, path, module.weight)
         for name, _, adapter in host.adapters():
             if not _selected(adapter, name, adapters):
                 continue
