@@ -46,16 +46,26 @@ TARGET = 1.7
 
 
 def build_extension():
-    """Compile csrc/band_tiles.cpp (cached by torch under ~/.cache/torch_extensions). -march=native:
-    the build is for this machine only; -ffast-math lets gcc vectorise the softmax reductions."""
+    """Compile csrc/band_tiles.cpp in a private build directory, removed afterwards (the loaded
+    module stays mapped). torch's shared cache (~/.cache/torch_extensions) is not used: a build
+    killed there leaves torch's lock file behind, and every later build waits on it forever.
+    -march=native: the build is for this machine only; -ffast-math lets gcc vectorise the
+    softmax reductions."""
+    import shutil
+    import tempfile
+
     from torch.utils.cpp_extension import load
 
     source = ROOT / "csrc" / "band_tiles.cpp"
+    build = tempfile.mkdtemp(prefix="surgeon-band-tiles-")
     try:
-        return load("surgeon_band_tiles", [str(source)], extra_cflags=["-O3", "-march=native", "-ffast-math"])
+        return load("surgeon_band_tiles", [str(source)], extra_cflags=["-O3", "-march=native", "-ffast-math"],
+                    build_directory=build)  # fmt: skip
     except (RuntimeError, OSError, ImportError) as exc:  # no compiler or ninja, or a failed build
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         sys.exit(f"band_kernel_floor: cannot build {source.relative_to(ROOT)}: {first}")
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
 
 
 def gemm_rate(repeat: int) -> float:

@@ -24,7 +24,8 @@ def _registered(*names: str) -> bool:
 
 
 def _run(cmd, **kwargs):
-    done = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=240, cwd=ROOT, **kwargs)
+    # no timeout of its own: pytest-timeout (pyproject) bounds every test, on any CPU
+    done = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, **kwargs)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
 
@@ -55,7 +56,7 @@ def test_ddp_train_sh_tiny(tmp_path):
     with open("/tmp/surgeon-ddp-29500.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         done = subprocess.run(["bash", os.path.join(EXAMPLES, "ddp_train.sh")], capture_output=True, text=True,
-                              env=env, timeout=300, cwd=ROOT)  # fmt: skip
+                              env=env, cwd=ROOT)  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert done.stdout.count("trained 80,640 parameters for steps 1–4") == 1  # rank 0 alone reports
     assert "ok:" in done.stdout and "fingerprint matches" in done.stdout

@@ -352,13 +352,13 @@ def test_sigterm_mid_run_then_resume(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd + ["--steps", "100000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env)  # fmt: skip
-    deadline = time.time() + 90
+    deadline = time.time() + 400  # generous: a loaded or slow CPU; pytest-timeout bounds the test
     while not os.path.isdir(out + ".checkpoints") or not os.listdir(out + ".checkpoints"):
         assert proc.poll() is None, proc.communicate()
         assert time.time() < deadline, "no checkpoint appeared"
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
+    _, err = proc.communicate(timeout=300)
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "interrupted by SIGTERM" in err and "--resume" in err and "Traceback" not in err
     assert not os.path.exists(out)
@@ -366,7 +366,7 @@ def test_sigterm_mid_run_then_resume(tmp_path):
     step = int(step_dir.split("-")[1])
     with open(os.path.join(out + ".checkpoints", step_dir, "state.json")) as handle:
         assert json.load(handle)["step"] == step
-    done = subprocess.run(cmd + ["--steps", str(step + 2), "--resume"], capture_output=True, text=True, timeout=120, env=env)
+    done = subprocess.run(cmd + ["--steps", str(step + 2), "--resume"], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr
     assert f"steps {step + 1}–{step + 2}" in done.stdout
     surgeon.load(base, out)
@@ -536,7 +536,7 @@ def test_ddp_two_processes_identical_params_and_rank0_writes(tmp_path):
     )
     args = [os.path.dirname(os.path.abspath(__file__)), diff, data_file(tmp_path), out, str(record)]
     with ddp_port_lock():
-        done = subprocess.run([sys.executable, "-c", launch, *args], capture_output=True, text=True, timeout=300)
+        done = subprocess.run([sys.executable, "-c", launch, *args], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (record / "world-0.txt").read_text() == "2" and (record / "world-1.txt").read_text() == "2"
     p0, p1 = torch.load(record / "params-0.pt"), torch.load(record / "params-1.pt")
