@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .recipe import ROLE_NAMES as ROLES  # one list of roles, shared with the recipe schema
+from .roles import ROLE_NAMES
 
 
 # Child names of projections, across families (BERT, DistilBERT, GPT-2, Llama/Mistral/Qwen2,
@@ -356,7 +356,7 @@ class ModelMap:
         return out + self.slices
 
     def role_table(self) -> dict[str, list[str]]:
-        table: dict[str, list[str]] = {role: [] for role in ROLES}
+        table: dict[str, list[str]] = {role: [] for role in ROLE_NAMES}
         for target in self.targets():
             for role in target.roles:
                 table.setdefault(role, []).append(target.display)

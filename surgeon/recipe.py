@@ -27,18 +27,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from . import registry
 from .errors import RecipeError, SurgeonError
+from .roles import ROLE_NAMES
 from .yamlfile import Path, format_path, line_of, load_yaml
 
 RECIPE_VERSION = 1
 _SLICE = re.compile(r"^\s*(-?\d+)?\s*:\s*(-?\d+)?\s*(?::\s*(-?\d+)?\s*)?$")
 _INDEX = re.compile(r"^\s*-?\d+\s*$")
-
-
-ROLE_NAMES = (
-    "model", "embed", "layer", "attn", "attn.q", "attn.k", "attn.v", "attn.o", "attn.qkv", "xattn",
-    "xattn.q", "xattn.k", "xattn.v", "xattn.o", "xattn.qkv", "mlp", "mlp.up", "mlp.gate", "mlp.down",
-    "norm", "head",
-)  # fmt: skip
 
 
 class Selector(BaseModel):
