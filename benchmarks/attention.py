@@ -63,6 +63,7 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
 
 from surgeon.attention.kernels.blockwise import blockwise_attention  # noqa: E402
+from surgeon.attention.kernels.route import masked_is_cheaper  # noqa: E402
 from surgeon.attention.kernels.sliding import sliding_window_attention  # noqa: E402
 from surgeon.fsutil import atomic_write_text  # noqa: E402  (temp file + rename: never half-written)
 
@@ -255,7 +256,7 @@ def bench_training(n: int, repeat: int) -> list[dict]:
 
 
 # Short inputs: sliding_window_attention may take one masked call instead of the band's blocked
-# calls (kernels/sliding_masked.py). (batch, n, heads, head dim, window, global [0])
+# calls (kernels/route.py chooses, kernels/sliding_masked.py computes). (batch, n, heads, head dim, window, global [0])
 SHORT_CASES = [(8, 256, 12, 32, 64, True), (8, 256, 12, 32, 64, False), (1, 1024, 12, 64, 128, True),
                (1, 1024, 12, 64, 512, False)]  # fmt: skip
 
@@ -264,8 +265,6 @@ def time_routes(b: int, n: int, h: int, d: int, window: int, has_global: bool, r
                 dense: bool = False) -> dict:
     """Forward and training step of the sliding window's two routes (blocked, masked), its
     automatic choice and, with `dense`, dense SDPA; bidirectional, global [0] if `has_global`."""
-    from surgeon.attention.kernels.sliding_masked import masked_is_cheaper
-
     g = torch.Generator().manual_seed(2)
     q, k, v = (torch.randn(b, n, h, d, generator=g).transpose(1, 2).requires_grad_(True) for _ in range(3))
     weight = torch.randn(b, h, n, d, generator=g)

@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
 
 from attention import bench_model, interleaved_best  # noqa: E402  (benchmarks/attention.py)
-from surgeon.attention.kernels.sliding import band_plan, run_band, window_bounds  # noqa: E402
+from surgeon.attention.kernels.band import band_plan, run_band, window_bounds  # noqa: E402
 from surgeon.fsutil import atomic_write_text  # noqa: E402
 
 HEADS, HEAD_DIM, THREADS = 12, 64, 2
@@ -80,17 +80,17 @@ def bench_blocks(ext, n: int, window: int, block: int, repeat: int) -> dict:
     # (H, n, D) views of (n, H, D) buffers: the layout q, k, v have inside a transformers model
     q, k, v = (torch.randn(n, HEADS, HEAD_DIM).transpose(0, 1) for _ in range(3))
     scale = HEAD_DIM**-0.5
-    pieces = band_plan(n, n, None, lo, hi, 0, block, "cpu")
+    pieces = band_plan(n, n, None, lo=lo, hi=hi, q0=0, block_size=block, device="cpu")
     interior = [p for p in pieces if p.blocks > 1]
     edges = [p for p in pieces if p.blocks == 1]
     out = torch.empty(n, HEADS, HEAD_DIM).transpose(0, 1)
 
     def fused():
-        run_band(q, k, v, pieces, scale, out=out)
+        run_band(q, k, v, pieces, scale=scale, out=out)
 
     def tiles(mode: int):
         def run():
-            run_band(q, k, v, edges, scale, out=out)
+            run_band(q, k, v, edges, scale=scale, out=out)
             for p in interior:
                 ext.band_interior(q, k, v, out, p.r0, p.blocks, p.step, p.start, p.length, hi - lo, scale, mode)
 

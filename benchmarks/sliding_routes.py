@@ -1,4 +1,4 @@
-"""Fit and check the sliding-window kernel's route choice (kernels/sliding_masked.py).
+"""Fit and check the sliding-window kernel's route choice (kernels/route.py).
 
     flock /tmp/surgeon-cpu.lock python benchmarks/sliding_routes.py        # ~4 min
     python benchmarks/sliding_routes.py --quick                             # a few shapes
@@ -30,8 +30,8 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
 
 from attention import time_routes  # noqa: E402  (benchmarks/attention.py)
-from surgeon.attention.kernels import sliding_masked  # noqa: E402
-from surgeon.attention.kernels.sliding import band_plan  # noqa: E402
+from surgeon.attention.kernels import route  # noqa: E402
+from surgeon.attention.kernels.band import band_plan  # noqa: E402
 from surgeon.fsutil import atomic_write_text  # noqa: E402
 
 HEADS = 12
@@ -40,7 +40,7 @@ HEADS = 12
 def time_shape(d, b, n, window, has_global, repeat) -> dict:
     """attention.time_routes plus what the fit needs: the blocked plan's calls and scores."""
     row = time_routes(b, n, HEADS, d, window, has_global, repeat)
-    pieces = band_plan(n, n, None, -(window // 2), window // 2, 0, None, "cpu")
+    pieces = band_plan(n, n, None, lo=-(window // 2), hi=window // 2, q0=0, block_size=None, device="cpu")
     return {**row, "calls": len(pieces), "scores": sum(p.scores for p in pieces)}
 
 
@@ -82,8 +82,8 @@ def main() -> None:
     for i, shape in enumerate(grid):
         rows.append(time_shape(*shape, args.repeat))
         print(f"  {i + 1}/{len(grid)} {shape}", file=sys.stderr, flush=True)
-    in_use = {"blocked_score_cost": sliding_masked._BLOCKED_SCORE_COST, "call_cost": sliding_masked._CALL_COST,
-              "global_scores_per_query": sliding_masked._GLOBAL_SCORES_PER_QUERY}  # fmt: skip
+    in_use = {"blocked_score_cost": route._BLOCKED_SCORE_COST, "call_cost": route._CALL_COST,
+              "global_scores_per_query": route._GLOBAL_SCORES_PER_QUERY}  # fmt: skip
     summary = {}
     for kind in ("forward", "training"):
         auto, blocked = regret(rows, kind, "auto"), regret(rows, kind, "blocked")

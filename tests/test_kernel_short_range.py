@@ -10,6 +10,7 @@ from conftest import padding_mask, random_qkv
 from surgeon.attention.kernels import short_range
 from surgeon.attention.kernels.latent import latent_attention
 from surgeon.attention.kernels.linformer import linformer_attention, linformer_cost, random_projection
+from surgeon.attention.kernels.route import choose_route
 
 INF = float("-inf")
 
@@ -19,7 +20,7 @@ def route(request, monkeypatch):
     """Both routes compute the same function: the band's blocked calls merged with the slots,
     and the one masked call that short inputs take; the tests' tiny sizes would always take
     the masked one, so each test runs both."""
-    monkeypatch.setattr(short_range, "_masked_route", lambda *args: request.param == "masked")
+    monkeypatch.setattr(short_range, "choose_route", lambda method, **shape: request.param)
     return request.param
 
 
@@ -125,7 +126,22 @@ def test_cost_adds_the_band():
     assert linformer_cost(1024, 12, 64, 64, local_window=0) == plain
 
 
-def test_short_inputs_take_the_masked_route():
-    assert short_range._masked_route(8, 12, 32, 256, 256, -8, 8)
-    assert not short_range._masked_route(1, 12, 64, 4096, 4096, -8, 8)
-    assert not short_range._masked_route(1, 12, 64, 1024, 1024, -8, 8)
+def test_short_inputs_take_the_masked_route(monkeypatch):
+    """with_short_range asks route.py with its slots weighing as a global token."""
+    chosen = []
+
+    class Chosen(Exception):
+        pass
+
+    def spy(method, **shape):
+        chosen.append(choose_route(method, **shape))
+        raise Chosen  # the route is all this test needs: skip the attention itself
+
+    monkeypatch.setattr(short_range, "choose_route", spy)
+    for b, n, d in [(8, 256, 32), (1, 4096, 64), (1, 1024, 64)]:
+        q = torch.zeros(b, 12, n, d)
+        far = torch.zeros(b, 12, 64, d)
+        with pytest.raises(Chosen):
+            short_range.with_short_range(q, q, q, far, far, window=16, far_mask=None, key_padding_mask=None,
+                                         scaling=d**-0.5)  # fmt: skip
+    assert chosen == ["masked", "blocked", "blocked"]

@@ -6,11 +6,12 @@ the kernel's block decomposition, so the two can disagree."""
 import pytest
 import torch
 
+from surgeon.attention.kernels.route import masked_is_cheaper
 from surgeon.attention.kernels.sliding import sliding_window_attention
 from surgeon.errors import SurgeonError
 
 # Both routes compute the same function: the band plan's blocked calls, and the one masked call
-# that short inputs take (sliding_masked.py). Tiny test sizes would always take the masked one
+# that short inputs take (sliding_masked.py; route.py chooses). Tiny test sizes would always take the masked one
 # under method="auto", so each reference test runs both explicitly.
 
 
@@ -324,8 +325,6 @@ def test_gradients_with_gqa_globals_and_dilation(dilation, method):
 
 
 def test_auto_route_takes_the_mask_only_for_short_inputs():
-    from surgeon.attention.kernels.sliding_masked import masked_is_cheaper
-
     # a sentence encoder's batch (8 × 256 tokens, 12 heads of 32, ±32 and a global token):
     # the blocked plan's fixed cost per call dominates — measured 1.8× slower than the mask
     assert masked_is_cheaper(8, 12, 32, 256, 256, -32, 32, [1], True, None)

@@ -1,5 +1,5 @@
 // A hand-written band-attention forward for benchmarks/band_kernel_floor.py: the interior
-// blocks of sliding.band_plan (block i: queries r0 + i·c … + c - 1, key strip start + i·c …
+// blocks of band.band_plan (block i: queries r0 + i·c … + c - 1, key strip start + i·c …
 // + L - 1, local query j attends strip keys j … j + W), one (block, head) tile at a time:
 //   S = scale · Q Kᵀ        (c × L)   MKL sgemm, the BLAS that PyTorch's CPU build links
 //   P = exp(S - rowmax)     exact softmax over the band only (no online rescaling: the whole

@@ -10,7 +10,7 @@ The matching *mask* function matters: without one transformers passes `attention
 and padding silently disappears (../shared/DESIGN.md §1). We register the flash-attention mask
 function, which hands us a compact (B, kv_len) bool padding mask (True = real token) or None
 when nothing is padded, so no n×n mask is built on the way (the sliding window builds one only
-for short inputs, where one masked call beats its blocked plan: kernels/sliding_masked.py).
+for short inputs, where one masked call beats its blocked plan: kernels/route.py).
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from typing import Protocol, runtime_checkable
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .kernels.sliding import sliding_window_attention
 
 ATTN_IMPLEMENTATION = "surgeon"
 VARIANT_ATTR = "surgeon_attention"
@@ -170,8 +172,6 @@ def surgeon_attention_forward(
     if out is None and causal and window and key.shape[2] > window:
         # Mistral/Qwen2 layers configured with a sliding window ask for one even when surgeon
         # leaves them unpatched: honour it (same convention: keys in (p - window, p]).
-        from .kernels.sliding import sliding_window_attention
-
         out = sliding_window_attention(
             query, key, value, window=int(window), causal=True,
             key_padding_mask=key_padding_mask, scaling=scaling, dropout=dropout,

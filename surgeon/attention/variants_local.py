@@ -23,8 +23,9 @@ import torch
 from torch import Tensor
 
 from ..errors import SurgeonError
+from .kernels.band import window_bounds
 from .kernels.blockwise import blockwise_attention
-from .kernels.sliding import sliding_window_attention, window_bounds
+from .kernels.sliding import sliding_window_attention
 
 
 def dense_attention_cost(n: int, heads: int, head_dim: int, bytes_per_score: int = 4) -> dict:

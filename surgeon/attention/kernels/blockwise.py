@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ...errors import SurgeonError
-from .sliding import attend, expand_kv
+from .primitives import attend, expand_kv
 
 __all__ = ["blockwise_attention", "block_permutations"]
 

@@ -1,11 +1,11 @@
 """The band plus a few extra keys (global tokens, compressed slots) in one softmax, trained
 with fused kernels both ways.
 
-Forward: the band's fused calls (sliding.band_plan) and one fused call over the extra keys,
+Forward: the band's fused calls (band.band_plan) and one fused call over the extra keys,
 merged by log-sum-exp. Differentiating that merge by autograd needs the gradient of each part's
-log-sum-exp, which the fused CPU kernel does not give, so it used to run on explicit scores
-(sliding.py's math path): at n = 4096, ±256 with one global token, a training step was barely
-faster than dense attention's.
+log-sum-exp, which the fused CPU kernel does not give, so it would run on explicit scores
+(primitives.attend's math path): at n = 4096, ±256 with one global token, a training step that
+way was barely faster than dense attention's.
 
 Backward, as FlashAttention-2 does for split keys (Dao 2023): the joint softmax's gradient
 restricted to one part's keys is that part's attention backward evaluated with the *joint*
@@ -19,7 +19,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .sliding import BandPiece, additive_mask, attend, merge_lse, run_band
+from .band import BandPiece, run_band
+from .primitives import additive_mask, attend, merge_lse
 
 _flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
@@ -31,7 +32,7 @@ def band_with_extra_keys(
     extra_k: Tensor,  # (Hg, G, D): keys every query may also attend
     extra_v: Tensor,  # (Hg, G, D)
     extra_mask: Tensor | None,  # bool, broadcastable to (Hg, n_q, G); True = may attend
-    pieces: list[BandPiece],  # sliding.band_plan(...) for q, k
+    pieces: list[BandPiece],  # band.band_plan(...) for q, k
     scale: float,
 ) -> Tensor:  # (Hg, n_q, D): softmax over [band keys | extra keys] · [V_band ; V_extra]
     """Exact; no dropout. CPU only (the fused backward is the CPU flash kernel's)."""
@@ -42,7 +43,7 @@ class _BandWithExtraKeys(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, extra_k, extra_v, extra_mask, pieces, scale):
         with torch.no_grad():
-            out, lse = run_band(q, k, v, pieces, scale)
+            out, lse = run_band(q, k, v, pieces, scale=scale)
             mask = None if extra_mask is None else extra_mask[None]
             o_x, l_x = attend(q[None], extra_k[None], extra_v[None], mask, scale)
             joint_lse = torch.logaddexp(lse, l_x[0].to(lse.dtype))  # (Hg, n_q); -inf: no key at all

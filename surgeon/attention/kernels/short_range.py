@@ -11,10 +11,10 @@ With a short-range window w, every query also attends, exactly, the keys within 
 
     out = softmax([Q·K_bandᵀ | Q·K_farᵀ] · scale) · [V_band ; V_far]
 
-The band runs through the sliding-window kernel's blocked path, the compressed part through
-the fused kernel, and the two partial results merge exactly by log-sum-exp. Short inputs,
-where the sliding window's cost model prefers it, instead take one masked fused call over
-[tokens | slots] (kernels/sliding_masked.py). A key in the band is also inside some slot; as
+The band runs through the sliding-window kernel's blocked route (band.py), the compressed part
+through the fused kernel, and the two partial results merge exactly by log-sum-exp. Short
+inputs, where route.py's cost model prefers it, instead take one masked fused call over
+[tokens | slots]. A key in the band is also inside some slot; as
 in the Long-Short Transformer the two views sit side by side, not deduplicated. Extra cost:
 O(n·w), against O(n·k) for the compressed part.
 
@@ -28,9 +28,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .band import BandSpec, band, window_bounds
 from .joint import band_with_extra_keys
-from .sliding import _band, attend, band_plan, expand_kv, merge_lse, window_bounds
-from .sliding_masked import masked_is_cheaper, window_mask
+from .primitives import attend, expand_kv, merge_lse
+from .route import MASKED, choose_route
+from .sliding_masked import window_mask
 
 
 def with_short_range(
@@ -48,17 +50,20 @@ def with_short_range(
 ) -> Tensor:  # (B, H, n_q, D)
     b, h, n_q, d = query.shape
     key, value = expand_kv(key, h), expand_kv(value, h)  # (B, H, n, D)
+    n = key.shape[2]
     lo, hi = window_bounds(window, causal=False)
-    q0 = key.shape[2] - n_q
-    if _masked_route(b, h, d, n_q, key.shape[2], lo, hi):
-        return _masked(query, key, value, far_key, far_value, lo, hi, far_mask, key_padding_mask, scaling, dropout)
+    spec = BandSpec(lo=lo, hi=hi, q0=n - n_q, scale=scaling, dropout=dropout)
+    # the slots weigh in the route's cost model like a global token's extra call and merge;
+    # their own scores are the same either way
+    if choose_route("auto", batch=b, heads=h, head_dim=d, n_q=n_q, n_k=n, lo=lo, hi=hi, has_global=True) == MASKED:
+        return _masked(query, key, value, far_key, far_value, spec, far_mask, key_padding_mask)
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, far_key, far_value))
     if grad and dropout == 0.0 and query.device.type == "cpu":
         # training: band and slots in one softmax whose backward runs the fused kernel too
         parts = []
         for bi in range(b):
             pad = key_padding_mask[bi] if key_padding_mask is not None else None  # (n,)
-            pieces = band_plan(n_q, key.shape[2], pad, lo, hi, q0, None, query.device)
+            pieces = spec.plan(n_q, n, pad, query.device)
             mask = None if far_mask is None else far_mask[bi if far_mask.shape[0] > 1 else 0]  # (.., .., k)
             parts.append(band_with_extra_keys(query[bi], key[bi], value[bi], far_key[bi], far_value[bi], mask,
                                               pieces, scaling))  # fmt: skip
@@ -70,34 +75,27 @@ def with_short_range(
     parts = []
     for bi in range(b):
         pad = key_padding_mask[bi] if key_padding_mask is not None else None  # (n,)
-        o_band, lse_band = _band(query[bi], key[bi], value[bi], pad, lo, hi, q0, scaling, dropout, None,
-                                 lse_grad=True, out=None if grad else out[bi])  # fmt: skip
+        o_band, lse_band = band(query[bi], key[bi], value[bi], pad, spec, lse_grad=True,
+                                out=None if grad else out[bi])  # fmt: skip
         merged = merge_lse(o_band, lse_band, o_far[bi], lse_far[bi], inplace=not grad)  # (H, n_q, D)
         if grad:  # (without autograd, merged is out[bi] itself)
             parts.append(merged)
     return torch.stack(parts) if grad else out
 
 
-def _masked_route(batch, heads, head_dim, n_q, n, lo, hi) -> bool:
-    """Short inputs: one masked call over [tokens | slots] beats the band's blocked calls plus
-    the slots' call and merge. The sliding window's cost model decides on the n tokens alone,
-    the slots weighing like a global token's extra call and merge; their own scores are the same
-    either way."""
-    return masked_is_cheaper(batch, heads, head_dim, n_q, n, lo, hi, [1], True, None)
-
-
-def _masked(query, key, value, far_key, far_value, lo, hi, far_mask, key_padding_mask, scaling, dropout):
-    """softmax over [tokens within the band | slots] as one fused call with an explicit mask."""
-    b, h, n_q, _ = query.shape
+def _masked(query, key, value, far_key, far_value, spec: BandSpec, far_mask, key_padding_mask) -> Tensor:
+    """softmax over [tokens within the band | slots] as one fused call with an explicit mask.
+    query: (B, H, n_q, D); key, value: (B, H, n, D); far_key, far_value: (B, H, slots, D)."""
+    b, _, n_q, _ = query.shape
     n, slots = key.shape[2], far_key.shape[2]
-    band = window_mask(n_q, n, lo, hi, 1, False, None, key_padding_mask, query.device)[:, None]  # (B|1, 1, n_q, n)
+    band_mask = window_mask(n_q, n, spec.lo, spec.hi, 1, False, None, key_padding_mask, query.device)[:, None]  # (B|1, 1, n_q, n)
     far = torch.ones(1, 1, n_q, slots, dtype=torch.bool, device=query.device) if far_mask is None else far_mask
     far = far.reshape((1,) * (4 - far.dim()) + tuple(far.shape))  # broadcastable to (B, H, n_q, slots)
-    heads = max(band.shape[1], far.shape[1])
-    mask = torch.cat([band.expand(b, heads, n_q, n), far.expand(b, heads, n_q, slots)], dim=-1)  # (B, 1|H, n_q, n + slots)
+    heads = max(band_mask.shape[1], far.shape[1])
+    mask = torch.cat([band_mask.expand(b, heads, n_q, n), far.expand(b, heads, n_q, slots)], dim=-1)  # (B, 1|H, n_q, n + slots)
     keys = torch.cat([key, far_key.to(key.dtype)], dim=2)  # (B, H, n + slots, D)
     values = torch.cat([value, far_value.to(value.dtype)], dim=2)
-    return attend(query, keys, values, mask, scaling, dropout)[0]
+    return attend(query, keys, values, mask, spec.scale, spec.dropout)[0]
 
 
 def add_short_range_cost(cost: dict, n: int, heads: int, head_dim: int, window: int) -> dict:
