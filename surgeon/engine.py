@@ -13,7 +13,7 @@ from . import registry
 from .context import SurgeryContext
 from .errors import SurgeonError
 from .ledger import Ledger, RuleRecord
-from .modelmap import ModelMap
+from .modelmap import ModelMap, Target
 from .recipe import Recipe, RuleSpec, load_recipe
 
 SURGERY_ATTR = "_surgeon_surgery"
@@ -107,6 +107,7 @@ def _plan(recipe: Recipe, model_map: ModelMap, ctx: SurgeryContext, surgery: Sur
             elif rule.on_empty == "warn":
                 surgery.warnings.append(message)
                 warnings.warn(message, stacklevel=3)
+        failures: list[tuple[Target, str]] = []
         for target in targets:
             try:
                 if target.fused is not None and not action.accepts_slices:
@@ -117,7 +118,8 @@ def _plan(recipe: Recipe, model_map: ModelMap, ctx: SurgeryContext, surgery: Sur
                     )
                 action.check(target, rule.params, ctx)
             except SurgeonError as exc:
-                problems.append(f"{where}: rule {rule.index + 1} (do: {rule.do}): {exc}")
+                failures.append((target, str(exc)))
+        problems += [f"{where}: rule {rule.index + 1} (do: {rule.do}): {line}" for line in _collapse(failures)]
         if targets:
             try:
                 action.check_rule(targets, rule.params, ctx)
@@ -131,6 +133,28 @@ def _plan(recipe: Recipe, model_map: ModelMap, ctx: SurgeryContext, surgery: Sur
 
 def _dedupe(lines: list[str]) -> list[str]:
     return list(dict.fromkeys(lines))
+
+
+def _collapse(failures: list[tuple[Target, str]]) -> list[str]:
+    """One line per distinct problem of a rule: messages that differ only in the module they
+    name (one per layer of an 80-layer model) are shown once, for the first module, with a
+    count of the others."""
+    groups: dict[str, list[Target]] = {}
+    first: dict[str, str] = {}
+    for target, message in failures:
+        shape = message.replace(target.path, "\0") if target.path else message
+        groups.setdefault(shape, []).append(target)
+        first.setdefault(shape, message)
+    lines = []
+    for shape, targets in groups.items():
+        line = first[shape]
+        if len(targets) > 1:
+            layers = [t.layer for t in targets]
+            distinct = None not in layers and len({(ref.stack, ref.index) for ref in layers}) == len(layers)
+            more = len(targets) - 1
+            line += f" (and {more} more {'layer' if distinct else 'module'}{'s' if more > 1 else ''})"
+        lines.append(line)
+    return lines
 
 
 def _where(recipe: Recipe, rule: RuleSpec) -> str:

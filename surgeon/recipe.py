@@ -295,15 +295,37 @@ def _data_prefix(loc: tuple, data: Any) -> Path:
             node = node[part]
         elif part == "with_" and isinstance(node, dict) and "with" in node:
             part, node = "with", node["with"]
+        elif isinstance(part, str) and ("[" in part or part[:1].isupper()):
+            continue  # a union member's tag ('list[int]', 'WindowGrowth'): the data goes on below it
         else:
             break
         out.append(part)
     return tuple(out)
 
 
+def _is_type_mismatch(error: dict) -> bool:
+    return error["type"].endswith("_type")  # int_type, list_type, model_type, …
+
+
+def _relevant(errors: list[dict], data: Any) -> list[dict]:
+    """A value that fails a union reports every member's error; drop the members whose type it
+    does not have when another member that took it says what is wrong inside (window: [4, 0]
+    is a bad list entry, not "should be a valid integer")."""
+    paths = [_data_prefix(tuple(e["loc"]), data) for e in errors]
+    keep = []
+    for error, path in zip(errors, paths):
+        if _is_type_mismatch(error) and any(
+            not _is_type_mismatch(other) and other_path[: len(path)] == path
+            for other, other_path in zip(errors, paths)
+        ):
+            continue
+        keep.append(error)
+    return keep
+
+
 def _format_errors(exc: pydantic.ValidationError, prefix: Path, data: Any, where, fields_at) -> list[str]:
     problems, seen = [], set()
-    for error in exc.errors():
+    for error in _relevant(exc.errors(), data):
         loc = tuple(error["loc"])
         inside = _data_prefix(loc, data)
         full = prefix + inside

@@ -127,8 +127,8 @@ def test_real_minilm_identity_at_init(minilm_dir):
     "select, params, message",
     [
         ({"role": "layer"}, {"size": 4, "reduction_factor": 8}, "not both"),
-        ({"role": "layer"}, {"size": 0}, "size must be a positive integer"),
-        ({"role": "layer"}, {"reduction_factor": -1}, "reduction_factor must be a positive integer"),
+        ({"role": "layer"}, {"size": 0}, r"size: must be ≥ 1 \(got 0\)"),
+        ({"role": "layer"}, {"reduction_factor": -1}, r"reduction_factor: must be ≥ 1 \(got -1\)"),
         ({"role": "layer"}, {"size": 33}, "size 33 exceeds the hidden size 32"),
         ({"role": "layer"}, {"placement": []}, "placement needs at least one"),
         ({"role": "layer"}, {"activation": "softmax"}, "activation"),

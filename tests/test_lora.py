@@ -276,8 +276,8 @@ def test_rslora_scale_and_meta_device():
 @pytest.mark.parametrize(
     "params, message",
     [
-        ({"r": 0}, "r must be a positive integer"),
-        ({"r": -2}, "r must be a positive integer"),
+        ({"r": 0}, r"r: must be ≥ 1 \(got 0\)"),
+        ({"r": -2}, r"r: must be ≥ 1 \(got -2\)"),
         ({"r": 33}, r"r=33 exceeds min\(in, out\)"),
         ({"alpha": 0.0}, "alpha must be > 0"),
         ({"alpha": -1}, "alpha must be > 0"),

@@ -20,6 +20,7 @@ from pydantic import Field
 from ..adapters.bottleneck import ACTIVATIONS, Bottleneck, BottleneckHost
 from ..errors import SurgeonError
 from .base import Action, params_config
+from .limits import Width
 from .lora import dims, module_kind
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
@@ -29,10 +30,10 @@ _ROLE_OF = {"attn": "attn.o", "mlp": "mlp.down"}
 class AdapterParams(pydantic.BaseModel):
     model_config = params_config()
 
-    reduction_factor: int | None = Field(
+    reduction_factor: Width | None = Field(
         None, description="bottleneck size = hidden size // reduction_factor (default 16)"
     )
-    size: int | None = Field(None, description="bottleneck size, instead of reduction_factor")
+    size: Width | None = Field(None, description="bottleneck size, instead of reduction_factor")
     activation: Literal[tuple(ACTIVATIONS)] = Field(  # type: ignore[valid-type]
         "swish",
         description="nonlinearity between down and up (swish, as AdapterHub's Houlsby config; "
@@ -47,10 +48,6 @@ class AdapterParams(pydantic.BaseModel):
     def _check(self) -> AdapterParams:
         if self.reduction_factor is not None and self.size is not None:
             raise ValueError("give reduction_factor or size, not both")
-        for key in ("reduction_factor", "size"):
-            value = getattr(self, key)
-            if value is not None and value <= 0:
-                raise ValueError(f"{key} must be a positive integer (got {value})")
         if not self.placement:
             raise ValueError("placement needs at least one of: attn, mlp")
         if not _NAME.match(self.name):

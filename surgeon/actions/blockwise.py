@@ -14,20 +14,35 @@ token's own block; any other block could lie in the future.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import pydantic
 
+from ..attention.targets import check_attention_target
 from ..attention.variants_local import BlockwiseVariant, heads_of
 from ..errors import SurgeonError
 from .base import Action, params_config
-from ..attention.targets import check_attention_target
+from .limits import MAX_HEAD_GROUPS, HeadGroups, Length
 
 
 class BlockwiseParams(pydantic.BaseModel):
     model_config = params_config()
-    block_size: int = pydantic.Field(description="tokens per block; cost O(n·block_size)")
-    permutations: int | list[list[int]] = pydantic.Field(
-        1, description="head groups (cyclic block shifts) or explicit block permutations"
+    block_size: Length = pydantic.Field(description="tokens per block; cost O(n·block_size)")
+    permutations: HeadGroups | Annotated[list[list[int]], pydantic.Field(min_length=1, max_length=MAX_HEAD_GROUPS)] = (
+        pydantic.Field(1, description="head groups (cyclic block shifts) or explicit block permutations")
     )
+
+    @pydantic.field_validator("permutations")
+    @classmethod
+    def _permutations(cls, value):
+        if isinstance(value, list):
+            for perm in value:
+                if len(perm) != len(value[0]):
+                    raise ValueError(f"the permutations have different lengths ({len(value[0])} and {len(perm)})")
+                if sorted(perm) != list(range(len(perm))):
+                    shown = perm if len(perm) <= 16 else f"{perm[:16]} …"
+                    raise ValueError(f"{shown} is not a permutation of 0 … {len(perm) - 1}")
+        return value
 
 
 class Blockwise(Action):
@@ -38,17 +53,7 @@ class Blockwise(Action):
     def check(self, target, params, ctx) -> None:
         check_attention_target(self.name, target, ctx)
         where = f"{target.path} ({target.class_name})"
-        if params.block_size < 1:
-            raise SurgeonError(f"blockwise: block_size must be >= 1, got {params.block_size} for {where}")
         groups = params.permutations if isinstance(params.permutations, int) else len(params.permutations)
-        if groups < 1:
-            raise SurgeonError(f"blockwise: permutations must be >= 1 for {where}")
-        if isinstance(params.permutations, list):
-            for perm in params.permutations:
-                if sorted(perm) != list(range(len(perm))) or len(perm) != len(params.permutations[0]):
-                    raise SurgeonError(
-                        f"blockwise: {perm} is not a permutation of 0 … {len(perm) - 1} ({where})"
-                    )
         heads = heads_of(target.module)
         if heads is not None and heads % groups:
             raise SurgeonError(

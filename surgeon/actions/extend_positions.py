@@ -24,13 +24,14 @@ from torch import nn
 
 from ..errors import SurgeonError
 from .base import Action, params_config
+from .limits import Length, check_added_elements
 
 _TABLE_NAMES = {"position_embeddings", "wpe"}
 
 
 class ExtendPositionsParams(pydantic.BaseModel):
     model_config = params_config()
-    length: int = pydantic.Field(description="new maximum sequence length in tokens")
+    length: Length = pydantic.Field(description="new maximum sequence length in tokens")
 
 
 def position_tables(module: nn.Module, path: str) -> list[tuple[str, nn.Embedding]]:
@@ -94,6 +95,7 @@ class ExtendPositions(Action):
                     f"extend_positions: {path} already covers {table.num_embeddings - _offset(table)} "
                     f"positions; length {params.length} would not extend it"
                 )
+            check_added_elements(self.name, path, "the new table", (params.length + _offset(table), table.embedding_dim))
 
     def apply(self, target, params, ctx) -> None:
         for path, table in position_tables(target.module, target.path):

@@ -14,18 +14,19 @@ from typing import Literal
 
 import pydantic
 
+from ..attention.targets import check_attention_target
 from ..attention.variants_compressed import LatentAttention, kv_heads_and_dim
 from ..errors import SurgeonError
-from ..attention.targets import check_attention_target, check_local_window
 from .base import Action, params_config
+from .limits import Band, Length, Seed, check_added_elements
 
 
 class LatentParams(pydantic.BaseModel):
     model_config = params_config()
 
-    m: int  # number of latent slots; cost O(n·m)
+    m: Length  # number of latent slots; cost O(n·m)
     init: Literal["random"] = "random"  # N(0, 1) latents (identical latents could never separate)
-    seed: int = 0
+    seed: Seed = 0  # layer i draws its latents with seed + i
     # "latent": slot keys = the latents themselves (two passes over the tokens: 26.0-27.8x dense
     # SDPA at n=16384, m=256); "attended": slot keys = latent-weighted mean of the token keys (a
     # third pass, 17.0-19.2x). Same zero-shot MiniLM fidelity (0.470 both) and, after 570 s of
@@ -34,7 +35,7 @@ class LatentParams(pydantic.BaseModel):
     summary_keys: Literal["attended", "latent"] = "latent"
     # > 0: every query also attends the keys within ±local_window/2 exactly, in the same softmax
     # (Long-Short Transformer, Zhu et al. 2021): what m slots cannot hold, e.g. "the previous token"
-    local_window: int = 0
+    local_window: Band = 0
 
 
 class Latent(Action):
@@ -45,20 +46,20 @@ class Latent(Action):
     def check(self, target, params, ctx) -> None:
         check_attention_target(self.name, target, ctx, causal_refused="latent slots would mix future tokens")
         where = target.display
-        if params.m <= 0:
-            raise SurgeonError(f"latent: {where}: m must be positive, got {params.m}")
-        if kv_heads_and_dim(target.module) is None:
+        shape = kv_heads_and_dim(target.module)
+        if shape is None:
             raise SurgeonError(f"latent: {where}: cannot tell its number of heads and head size")
-        check_local_window(self.name, where, params.local_window)
+        kv_heads, head_dim = shape
+        check_added_elements(self.name, where, "the latents", (kv_heads, params.m, head_dim))
 
     def apply(self, target, params, ctx) -> None:
         kv_heads, head_dim = kv_heads_and_dim(target.module)
-        dtype = next(target.module.parameters()).dtype
+        weight = next(target.module.parameters())
         # One seed per layer: identical latents in every layer would be a needless tie.
         seed = params.seed + (target.layer.index if target.layer is not None else 0)
         variant = LatentAttention(
             params.m, kv_heads, head_dim, seed=seed, summary_keys=params.summary_keys,
-            local_window=params.local_window, dtype=dtype,
+            local_window=params.local_window, dtype=weight.dtype, device=weight.device,
             where=target.display,
         )  # fmt: skip
         ctx.attach_attention(target, variant)

@@ -22,23 +22,34 @@ from typing import Literal
 
 import pydantic
 
+from ..attention.targets import check_attention_target
 from ..attention.variants_compressed import LinformerAttention, max_positions
 from ..errors import SurgeonError
-from ..attention.targets import check_attention_target, check_local_window
 from .base import Action, params_config
+from .limits import Band, Length, Seed, check_added_elements, too_many_elements
 
 
 class LinformerParams(pydantic.BaseModel):
     model_config = params_config()
 
-    k: int  # projected length; cost O(n·k)
-    max_length: int | None = None  # columns of E, F = longest input; default: the model's max positions
+    k: Length  # projected length; cost O(n·k)
+    max_length: Length | None = None  # columns of E, F = longest input; default: the model's max positions
     share: Literal["none", "kv", "layer"] = "none"  # Linformer §4 sharing: F = E, one E for all layers
     init: Literal["segment_mean", "random"] = "segment_mean"
-    seed: int = 0  # for init: random
+    seed: Seed = 0  # for init: random
     # > 0: every query also attends the keys within ±local_window/2 exactly, in the same softmax
     # (Long-Short Transformer, Zhu et al. 2021): what k slots cannot hold, e.g. "the previous token"
-    local_window: int = 0
+    local_window: Band = 0
+
+    @pydantic.model_validator(mode="after")
+    def _fits(self) -> LinformerParams:
+        if self.max_length is not None:
+            if self.k > self.max_length:
+                raise ValueError(f"k={self.k} exceeds max_length={self.max_length}")
+            reason = too_many_elements("each projection E, F", (self.k, self.max_length))
+            if reason is not None:
+                raise ValueError(reason)
+        return self
 
 
 def _max_length(params: LinformerParams, ctx) -> int | None:
@@ -54,26 +65,22 @@ class Linformer(Action):
         check_attention_target(self.name, target, ctx,
                                causal_refused="the sequence projection would mix future tokens into every position")
         where = target.display
-        if params.k <= 0:
-            raise SurgeonError(f"linformer: {where}: k must be positive, got {params.k}")
         length = _max_length(params, ctx)
         if length is None:
             raise SurgeonError(
                 f"linformer: {where}: the model has no position limit; set max_length"
             )
-        if length <= 0:
-            raise SurgeonError(f"linformer: {where}: max_length must be positive, got {length}")
         if params.k > length:
-            raise SurgeonError(f"linformer: {where}: k={params.k} exceeds max_length={length}")
-        check_local_window(self.name, where, params.local_window)
+            raise SurgeonError(f"linformer: {where}: k={params.k} exceeds max_length={length} (the model's positions)")
+        check_added_elements(self.name, where, "each projection E, F", (params.k, length))
 
     def apply(self, target, params, ctx) -> None:
         length = _max_length(params, ctx)
-        dtype = next(target.module.parameters()).dtype
+        weight = next(target.module.parameters())
         shared = ctx.state.get("linformer_proj") if params.share == "layer" else None
         variant = LinformerAttention(
-            params.k, length, share=params.share, init=params.init, seed=params.seed,
-            dtype=dtype, shared=shared, local_window=params.local_window, where=target.display,
+            params.k, length, share=params.share, init=params.init, seed=params.seed, dtype=weight.dtype,
+            device=weight.device, shared=shared, local_window=params.local_window, where=target.display,
         )  # fmt: skip
         if params.share == "layer" and shared is None:
             ctx.state["linformer_proj"] = variant.proj_k  # owned by the first layer

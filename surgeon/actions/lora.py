@@ -11,6 +11,7 @@ as `<path>.surgeon_lora.<name>.lora_A` / `.lora_B` (a fused slice adds `.<part>`
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Literal
 
@@ -23,6 +24,7 @@ from ..lora.host import LoraHost
 from ..lora.layer import InputGroup, LoraAdapter
 from ..lora.merge import parameter_names, tied_partners
 from .base import Action, params_config
+from .limits import Width, check_scale
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 
@@ -30,7 +32,7 @@ _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 class LoraParams(pydantic.BaseModel):
     model_config = params_config()
 
-    r: int = Field(8, description="rank of the update; 1 ≤ r ≤ min(in, out) of each module")
+    r: Width = Field(8, description="rank of the update; 1 ≤ r ≤ min(in, out) of each module")
     alpha: float | None = Field(
         None, description="scale numerator: the update is scaled by alpha/r (default: alpha = r)"
     )
@@ -52,19 +54,25 @@ class LoraParams(pydantic.BaseModel):
         "by giving it its own copy",
     )
 
-    @pydantic.field_validator("r")
-    @classmethod
-    def _r(cls, value: int) -> int:
-        if value <= 0:
-            raise ValueError(f"r must be a positive integer (got {value})")
-        return value
-
     @pydantic.field_validator("alpha")
     @classmethod
     def _alpha(cls, value: float | None) -> float | None:
+        if value is not None and not math.isfinite(value):
+            raise ValueError(f"alpha must be finite (got {value})")
         if value is not None and not value > 0:
             raise ValueError(f"alpha must be > 0 (got {value})")
         return value
+
+    @pydantic.model_validator(mode="after")
+    def _scale_representable(self) -> LoraParams:
+        check_scale(self.scale, "alpha/sqrt(r)" if self.rslora else "alpha/r")
+        return self
+
+    @property
+    def scale(self) -> float:
+        """The update's multiplier: alpha/r, or alpha/sqrt(r) with rslora (alpha defaults to r)."""
+        alpha = self.alpha if self.alpha is not None else float(self.r)
+        return alpha / (self.r**0.5 if self.rslora else self.r)
 
     @pydantic.field_validator("dropout")
     @classmethod
@@ -197,8 +205,7 @@ class Lora(Action):
 
 
     def finish(self, targets, params: LoraParams, ctx) -> None:
-        alpha = params.alpha if params.alpha is not None else float(params.r)
-        scale = alpha / (params.r**0.5 if params.rslora else params.r)
+        scale = params.scale
         slices = sum(1 for t in targets if t.fused is not None)
         ctx.note(
             f"'{params.name}': {len(targets)} modules{f' ({slices} fused slices)' if slices else ''}, "

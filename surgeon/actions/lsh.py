@@ -11,18 +11,18 @@ from __future__ import annotations
 
 import pydantic
 
-from ..attention.variants_compressed import LSHAttention
-from ..errors import SurgeonError
 from ..attention.targets import check_attention_target
+from ..attention.variants_compressed import LSHAttention
 from .base import Action, params_config
+from .limits import HashRounds, Length, Seed
 
 
 class LSHParams(pydantic.BaseModel):
     model_config = params_config()
 
-    n_hashes: int = 4  # hash rounds: more = closer to dense, cost grows linearly
-    bucket_size: int = 64  # chunk length; sequences of ≤ 2 chunks are attended densely
-    seed: int = 0  # of the random rotations
+    n_hashes: HashRounds = 4  # hash rounds: more = closer to dense, cost grows linearly
+    bucket_size: Length = 64  # chunk length; sequences of ≤ 2 chunks are attended densely
+    seed: Seed = 0  # of the random rotations
     shared_qk: bool = False  # Reformer's K = Q/‖Q‖ (changes a pretrained model's attention)
 
 
@@ -36,11 +36,6 @@ class LSH(Action):
             self.name, target, ctx,
             causal_refused="LSH bucketing depends on later tokens, so it cannot be made exactly causal",
         )  # fmt: skip
-        where = target.display
-        if params.n_hashes <= 0:
-            raise SurgeonError(f"lsh: {where}: n_hashes must be positive, got {params.n_hashes}")
-        if params.bucket_size <= 0:
-            raise SurgeonError(f"lsh: {where}: bucket_size must be positive, got {params.bucket_size}")
 
     def apply(self, target, params, ctx) -> None:
         variant = LSHAttention(

@@ -16,32 +16,37 @@ causal ones (`module.is_causal`). A window covering the input is exactly dense a
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import pydantic
 
-from ..attention.variants_local import SlidingWindowVariant, as_list, heads_of
 from ..attention.targets import check_attention_target
+from ..attention.variants_local import SlidingWindowVariant, as_list, heads_of
 from ..errors import SurgeonError
 from .base import Action, params_config
+from .limits import Length, Position
 
 
 class WindowGrowth(pydantic.BaseModel):
     """Window growing linearly with depth from the first layer to the last (rounded to even)."""
 
     model_config = params_config()
-    start: int
-    end: int
+    start: Length
+    end: Length
 
 
 class SlidingWindowParams(pydantic.BaseModel):
     model_config = params_config()
-    window: int | list[int] | WindowGrowth = pydantic.Field(
+    window: Length | Annotated[list[Length], pydantic.Field(min_length=1)] | WindowGrowth = pydantic.Field(
         description="keys per query: ±window/2 (bidirectional) or look-back window (causal)"
     )
-    dilation: int | list[int] = pydantic.Field(1, description="dilation, one value per head group")
-    global_tokens: list[int] = pydantic.Field(
+    dilation: Length | Annotated[list[Length], pydantic.Field(min_length=1)] = pydantic.Field(
+        1, description="dilation, one value per head group"
+    )
+    global_tokens: list[Position] = pydantic.Field(
         default_factory=list, description="positions that attend to and are attended by all"
     )
-    block_size: int | None = pydantic.Field(None, description="kernel query block (tuning only)")
+    block_size: Length | None = pydantic.Field(None, description="kernel query block (tuning only)")
 
 
 def max_positions(model) -> int | None:
@@ -87,11 +92,9 @@ class SlidingWindow(Action):
         check_attention_target(self.name, target, ctx)
         where = f"{target.path} ({target.class_name})"
         window = resolve_window(target, params.window)
-        if window <= 0:
+        if window <= 0:  # a growth from 1 rounds to 0 in the first layers
             raise SurgeonError(f"sliding_window: window must be >= 1, got {window} for {where}")
         dils = as_list(params.dilation)
-        if not dils or min(dils) < 1:
-            raise SurgeonError(f"sliding_window: dilation must be >= 1, got {params.dilation} for {where}")
         heads = heads_of(target.module)
         if heads is not None and heads % len(dils):
             raise SurgeonError(
@@ -99,12 +102,10 @@ class SlidingWindow(Action):
             )
         limit = max_positions(ctx.model)
         for pos in params.global_tokens:
-            if pos < 0 or (limit is not None and pos >= limit):
+            if limit is not None and pos >= limit:
                 raise SurgeonError(
                     f"sliding_window: global token position {pos} is out of range [0, {limit}) for {where}"
                 )
-        if params.block_size is not None and params.block_size < 1:
-            raise SurgeonError(f"sliding_window: block_size must be >= 1 for {where}")
 
     def apply(self, target, params, ctx) -> None:
         dils = as_list(params.dilation)

@@ -26,8 +26,3 @@ def check_attention_target(action: str, target, ctx, *, causal_refused: str | No
     if causal_refused and getattr(target.module, "is_causal", False):
         raise SurgeonError(f"{action}: {target.display} is causal (decoder) attention; {causal_refused}")
 
-
-def check_local_window(action: str, where: str, local_window: int) -> None:
-    """The short-range band of Linformer and latent attention (kernels/short_range.py)."""
-    if local_window < 0:
-        raise SurgeonError(f"{action}: {where}: local_window must be ≥ 0 (0 = no band), got {local_window}")

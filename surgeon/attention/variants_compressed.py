@@ -60,6 +60,7 @@ class LinformerAttention(nn.Module):
         init: LinformerInit = "segment_mean",
         seed: int = 0,
         dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
         shared: nn.Parameter | None = None,
         local_window: int = 0,
         where: str = "",
@@ -70,14 +71,18 @@ class LinformerAttention(nn.Module):
         self._shared: list[nn.Parameter] = [] if shared is None else [shared]
         if shared is None:
             generator = torch.Generator().manual_seed(seed)
-            self.proj_k = nn.Parameter(self._init(init, generator).to(dtype))
+            self.proj_k = nn.Parameter(self._init(init, generator, dtype, device))
             if share == "none":
-                self.proj_v = nn.Parameter(self._init(init, generator).to(dtype))
+                self.proj_v = nn.Parameter(self._init(init, generator, dtype, device))
 
-    def _init(self, init: LinformerInit, generator) -> Tensor:  # (k, max_length)
+    def _init(self, init: LinformerInit, generator, dtype, device) -> Tensor:  # (k, max_length)
+        if torch.device(device).type == "meta":  # a dry run: shapes only, nothing computed
+            return torch.empty(self.k, self.max_length, dtype=dtype, device="meta")
         if init == "segment_mean":
-            return segment_mean_projection(self.k, self.max_length)
-        return random_projection(self.k, self.max_length, generator=generator)
+            proj = segment_mean_projection(self.k, self.max_length)
+        else:
+            proj = random_projection(self.k, self.max_length, generator=generator)
+        return proj.to(dtype=dtype, device=device)
 
     def projections(self) -> tuple[Tensor, Tensor]:
         if self._shared:
@@ -115,13 +120,18 @@ class LatentAttention(nn.Module):
 
     def __init__(self, m: int, kv_heads: int, head_dim: int, *, seed: int = 0,
                  summary_keys: Literal["attended", "latent"] = "latent", local_window: int = 0,
-                 dtype: torch.dtype = torch.float32, where: str = ""):  # fmt: skip
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 where: str = ""):  # fmt: skip
         super().__init__()
         self.m, self.summary_keys, self.local_window, self.where = m, summary_keys, local_window, where
-        generator = torch.Generator().manual_seed(seed)
-        # Unit-variance entries: with the model's own scaling (1/√D) a latent's scores have the
-        # spread of a typical query's, so each slot starts as a soft cluster of related tokens.
-        self.latents = nn.Parameter(torch.randn(kv_heads, m, head_dim, generator=generator).to(dtype))
+        if torch.device(device).type == "meta":  # a dry run: shapes only, nothing computed
+            latents = torch.empty(kv_heads, m, head_dim, dtype=dtype, device="meta")
+        else:
+            # Unit-variance entries: with the model's own scaling (1/√D) a latent's scores have the
+            # spread of a typical query's, so each slot starts as a soft cluster of related tokens.
+            generator = torch.Generator().manual_seed(seed)
+            latents = torch.randn(kv_heads, m, head_dim, generator=generator).to(dtype=dtype, device=device)
+        self.latents = nn.Parameter(latents)
 
     def forward_attention(
         self, module, query, key, value, *, key_padding_mask, scaling, dropout, causal, **kwargs
