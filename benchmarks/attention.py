@@ -36,8 +36,9 @@ Short inputs: the sliding-window kernel's two routes (its blocked band plan, one
 call) and its automatic choice, forward and training step, beside dense SDPA, at the shapes in
 `SHORT_CASES` (a sentence encoder's 8 × 256 batch; one 1024-token sequence).
 
-Other variants plug in without touching this file: if `attention_variants_compressed.py` sits
-beside it, its `VARIANTS` list is appended. Each entry is a dict:
+The compressed variants (Linformer, latent, LSH) come from `attention_variants_compressed.py`'s
+`VARIANTS`; the harness itself (inputs, baselines, rounds, memory subprocess, whole-model and
+route timing) is benchlib.py's. Each variant is a dict:
     {"name": str, "causal": bool,
      "run": callable(q, k, v) -> out,       # q, k, v: (1, 12, n, 64) fp32; out like q
      "pairs": callable(n) -> int}           # (query, key) score pairs the method computes
@@ -47,27 +48,17 @@ Results go to benchmarks/results/attention.json and a log-log plot attention.png
 from __future__ import annotations
 
 import argparse
-import copy
-import importlib.util
-import json
-import resource
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+from attention_variants_compressed import VARIANTS as COMPRESSED_VARIANTS
+from benchlib import (
+    HEAD_DIM, HEADS, RESULTS, THREADS, bench_core, bench_model, dense_variants, inputs, interleaved_best,
+    memory_child, table, time_routes, write_json,
+)  # fmt: skip
 
-ROOT = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT.parent))
-
-from surgeon.attention.kernels.blockwise import blockwise_attention  # noqa: E402
-from surgeon.attention.kernels.route import masked_is_cheaper  # noqa: E402
-from surgeon.attention.kernels.sliding import sliding_window_attention  # noqa: E402
-from surgeon.fsutil import atomic_write_text  # noqa: E402  (temp file + rename: never half-written)
-
-HEADS, HEAD_DIM, THREADS = 12, 64, 2
+from surgeon.attention.kernels.blockwise import blockwise_attention
+from surgeon.attention.kernels.sliding import sliding_window_attention
 
 
 def _causal_pairs_window(n: int, w: int) -> int:
@@ -127,99 +118,8 @@ def _global0(q):
     return g
 
 
-def dense_variants() -> dict[bool, dict]:
-    return {
-        False: {"name": "dense SDPA", "causal": False,
-                "run": lambda q, k, v: F.scaled_dot_product_attention(q, k, v), "pairs": lambda n: n * n},
-        True: {"name": "dense SDPA causal", "causal": True,
-               "run": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
-               "pairs": lambda n: n * (n + 1) // 2},
-    }  # fmt: skip
-
-
 def all_variants() -> list[dict]:
-    variants = local_variants()
-    extra = ROOT / "attention_variants_compressed.py"
-    if extra.exists():
-        spec = importlib.util.spec_from_file_location("attention_variants_compressed", extra)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        variants += list(module.VARIANTS)
-    return variants
-
-
-def inputs(n: int, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    return tuple(torch.randn(1, HEADS, n, HEAD_DIM, generator=g) for _ in range(3))
-
-
-def interleaved_best(fns: dict, repeat: int, grad: bool = False) -> dict:
-    """Best time of each function over `repeat` rounds that run every function once, in turn,
-    after one warm-up each: slow drifts of the machine's speed (seconds-long on this shared
-    host) then hit all of them alike instead of whichever ran last."""
-    times = {name: [] for name in fns}
-    with torch.set_grad_enabled(grad):
-        for fn in fns.values():
-            fn()
-        for _ in range(repeat):
-            for name, fn in fns.items():
-                t0 = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t0)
-    return {name: min(ts) for name, ts in times.items()}
-
-
-def peak_memory(name: str, n: int) -> int | None:
-    """Peak-RSS rise of one call, in a fresh subprocess (see module docstring)."""
-    cmd = [sys.executable, __file__, "--_memory", name, str(n)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0:
-        return None
-    return json.loads(proc.stdout.strip().splitlines()[-1])["peak_rise_bytes"]
-
-
-def _memory_child(name: str, n: int) -> None:
-    torch.set_num_threads(THREADS)
-    variants = {v["name"]: v for v in all_variants() + list(dense_variants().values())}
-    q, k, v = inputs(n)
-    try:  # Linux: reset the peak-RSS mark so it starts at the current RSS (inputs included)
-        Path("/proc/self/clear_refs").write_text("5")
-        before = _status_kib("VmRSS")
-        method = "VmHWM after clear_refs"
-    except OSError:
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        method = "ru_maxrss"
-    with torch.no_grad():
-        out = variants[name]["run"](q, k, v)
-    after = _status_kib("VmHWM") if method.startswith("VmHWM") else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    del out
-    print(json.dumps({"peak_rise_bytes": max(0, after - before) * 1024, "method": method}))
-
-
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise OSError(field)
-
-
-def bench_core(sizes, repeat, memory: bool) -> list[dict]:
-    rows = []
-    dense = dense_variants()
-    for n in sizes:
-        q, k, v = inputs(n)
-        # every round runs the dense baselines and every variant once, in turn (interleaved_best):
-        # a drift of the host's speed then hits a variant and its baseline alike
-        fns = {d["name"]: (lambda d=d: d["run"](q, k, v)) for d in dense.values()}
-        fns.update({var["name"]: (lambda var=var: var["run"](q, k, v)) for var in all_variants()})
-        best = interleaved_best(fns, repeat)
-        dense_t = {c: best[d["name"]] for c, d in dense.items()}
-        for c, d in dense.items():
-            rows.append(_row(d, n, dense_t[c], dense_t[c], d["pairs"](n), memory))
-        for var in all_variants():
-            rows.append(_row(var, n, best[var["name"]], dense_t[var["causal"]], dense[var["causal"]]["pairs"](n), memory))
-        print(f"  n={n} done", file=sys.stderr)
-    return rows
+    return local_variants() + list(COMPRESSED_VARIANTS)
 
 
 TRAINED = ["sliding ±256", "sliding ±256 + global [0]", "sliding causal 512", "blockwise 16 blocks",
@@ -261,32 +161,6 @@ SHORT_CASES = [(8, 256, 12, 32, 64, True), (8, 256, 12, 32, 64, False), (1, 1024
                (1, 1024, 12, 64, 512, False)]  # fmt: skip
 
 
-def time_routes(b: int, n: int, h: int, d: int, window: int, has_global: bool, repeat: int,
-                dense: bool = False) -> dict:
-    """Forward and training step of the sliding window's two routes (blocked, masked), its
-    automatic choice and, with `dense`, dense SDPA; bidirectional, global [0] if `has_global`."""
-    g = torch.Generator().manual_seed(2)
-    q, k, v = (torch.randn(b, n, h, d, generator=g).transpose(1, 2).requires_grad_(True) for _ in range(3))
-    weight = torch.randn(b, h, n, d, generator=g)
-    glob = torch.zeros(b, n, dtype=torch.bool)
-    glob[:, 0] = has_global
-    runs = {"dense SDPA": lambda: F.scaled_dot_product_attention(q, k, v)} if dense else {}
-    for method in ("blocked", "masked", "auto"):
-        runs[method] = lambda m=method: sliding_window_attention(
-            q, k, v, window=window, causal=False, global_mask=glob if has_global else None, method=m
-        )  # fmt: skip
-
-    def step(run):
-        return lambda: torch.autograd.grad((run() * weight).sum(), (q, k, v))
-
-    masked = masked_is_cheaper(b, h, d, n, n, -(window // 2), window // 2, [1], has_global, None)
-    return {
-        "batch": b, "n": n, "heads": h, "head_dim": d, "window": window, "global": has_global,
-        "auto_route": "masked" if masked else "blocked", "forward": interleaved_best(runs, repeat),
-        "training": interleaved_best({name: step(run) for name, run in runs.items()}, repeat, grad=True),
-    }  # fmt: skip
-
-
 def bench_short(repeat: int) -> list[dict]:
     """Both routes, the automatic choice and dense SDPA at the SHORT_CASES shapes."""
     return [time_routes(*case, repeat, dense=True) for case in SHORT_CASES]
@@ -311,79 +185,6 @@ def training_table(rows) -> str:
     lines = [f"\ntraining step (forward + backward to q, k, v), n={rows[0]['n']}:",
              f"{'variant':34s} {'time s':>9s} {'speedup':>8s}"]  # fmt: skip
     lines += [f"{r['variant']:34s} {r['seconds']:9.4f} {r['speedup']:7.2f}x" for r in rows]
-    return "\n".join(lines)
-
-
-def _row(var, n, t, dense_t, dense_pairs, memory):
-    return {
-        "variant": var["name"], "causal": var["causal"], "n": n, "seconds": t,
-        "speedup": dense_t / t, "flop_limit": dense_pairs / var["pairs"](n),
-        "peak_rise_bytes": peak_memory(var["name"], n) if memory else None,
-    }  # fmt: skip
-
-
-def bench_model(n: int, repeat: int, window: int = 512) -> dict:
-    import transformers
-
-    import surgeon
-
-    cfg = transformers.BertConfig(
-        hidden_size=768, num_attention_heads=12, num_hidden_layers=2, intermediate_size=3072,
-        max_position_embeddings=n, attn_implementation="sdpa",
-    )  # fmt: skip
-    torch.manual_seed(0)
-    # one config object each: attention-implementation switches are written to the config
-    dense = transformers.BertModel(copy.deepcopy(cfg)).eval()
-    patched = transformers.BertModel(copy.deepcopy(cfg)).eval()
-    patched.load_state_dict(dense.state_dict())
-    recipe = {"surgeon": 1, "rules": [{"do": "sliding_window", "select": {"role": "attn"}, "with": {"window": window}}]}
-    surgeon.patch(patched, recipe)
-    ids = torch.randint(1000, 20000, (1, n), generator=torch.Generator().manual_seed(0))
-    # The same model with attention replaced by a no-op (the output is V itself): what the
-    # embeddings, projections, FFNs and norms cost alone — the part no attention variant changes.
-    transformers.AttentionInterface.register("benchmark_no_attention", lambda module, q, k, v, mask, **kw: (v.transpose(1, 2), None))
-    hollow = transformers.BertModel(copy.deepcopy(cfg)).eval()
-    hollow.load_state_dict(dense.state_dict())
-    hollow.set_attn_implementation("benchmark_no_attention")
-    implementations = [m.config._attn_implementation for m in (dense, patched, hollow)]
-    assert implementations == ["sdpa", "surgeon", "benchmark_no_attention"], implementations
-    best = interleaved_best(
-        {"dense": lambda: dense(input_ids=ids), "patched": lambda: patched(input_ids=ids),
-         "rest": lambda: hollow(input_ids=ids)}, repeat,
-    )  # fmt: skip
-    t_dense, t_patched, t_rest = best["dense"], best["patched"], best["rest"]
-    # Bound: only attention gets faster; its share of FLOPs ≈ n / (n + 6·d_model) (DESIGN §2).
-    d_model = cfg.hidden_size
-    linear = 2 * n * (4 * d_model * d_model + 2 * d_model * cfg.intermediate_size)
-    attn_dense, attn_local = 4 * n * n * d_model, 4 * n * min(n, window + 1) * d_model
-    # Measured bound: the rest as timed, plus dense attention's measured time divided by the
-    # window's FLOP ratio — a windowed kernel exactly as fast per score as dense SDPA.
-    t_attention = max(t_dense - t_rest, 0.0)
-    return {
-        "config": "BERT-base width: hidden 768, 12 heads, 2 layers, intermediate 3072",
-        "n": n, "dense_seconds": t_dense, "patched_seconds": t_patched,
-        "speedup": t_dense / t_patched, "flop_limit": (linear + attn_dense) / (linear + attn_local),
-        "rest_seconds": t_rest, "attention_free_limit": t_dense / t_rest,
-        "measured_limit": t_dense / (t_rest + t_attention * attn_local / attn_dense),
-        "patch": f"sliding_window window {window} (±{window // 2}) on every layer", "window": window,
-    }  # fmt: skip
-
-
-def table(rows, models) -> str:
-    lines = [f"{'variant':34s} {'n':>6s} {'time s':>9s} {'speedup':>8s} {'FLOP lim':>9s} {'peak MiB':>9s}"]
-    for r in rows:
-        mem = "-" if r["peak_rise_bytes"] is None else f"{r['peak_rise_bytes'] / 2**20:.0f}"
-        lines.append(
-            f"{r['variant']:34s} {r['n']:6d} {r['seconds']:9.4f} {r['speedup']:7.2f}x {r['flop_limit']:8.1f}x {mem:>9s}"
-        )
-    for i, m in enumerate(models or []):
-        lines.append(
-            ("\n" if i == 0 else "")
-            + f"whole model ({m['config']}), n={m['n']}, ±{m['window'] // 2}: dense {m['dense_seconds']:.3f} s, "
-            f"patched {m['patched_seconds']:.3f} s, speedup {m['speedup']:.2f}x (FLOP limit {m['flop_limit']:.2f}x)\n"
-            f"  without attention: {m['rest_seconds']:.3f} s; a window kernel as fast per score as dense SDPA "
-            f"would give {m['measured_limit']:.2f}x, free attention {m['attention_free_limit']:.2f}x"
-        )
     return "\n".join(lines)
 
 
@@ -424,14 +225,14 @@ def main() -> None:
     parser.add_argument("--train-n", type=int, default=4096, help="sequence length of the training-step rows")
     parser.add_argument("--no-train", action="store_true", help="skip the training-step rows")
     parser.add_argument("--no-short", action="store_true", help="skip the short-input rows")
-    parser.add_argument("--out", default=str(ROOT / "results"))
+    parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--_memory", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._memory:
-        _memory_child(args._memory[0], int(args._memory[1]))
+        memory_child(all_variants(), args._memory[0], int(args._memory[1]))
         return
     torch.set_num_threads(THREADS)
-    rows = bench_core(args.sizes, args.repeat, not args.no_memory)
+    rows = bench_core(all_variants(), args.sizes, args.repeat, None if args.no_memory else __file__)
     model = None if args.no_model else bench_model(args.model_n, args.model_repeat)
     # beyond the issue's row: a narrower window at the same length, and the same window on an
     # input twice as long, where attention is a larger share of the model's FLOPs
@@ -443,14 +244,13 @@ def main() -> None:
     short = None if args.no_short else bench_short(max(args.repeat, 5))
     print(table(rows, [model, *model_more] if model else []) + (training_table(training) if training else "") + (short_table(short) if short else ""))
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     meta = {"torch": torch.__version__, "threads": THREADS, "heads": HEADS, "head_dim": HEAD_DIM,
             "dtype": "float32", "batch": 1, "timing": f"best of {args.repeat} interleaved rounds after one warm-up",
             "model_timing": f"best of {args.model_repeat} interleaved rounds (dense, patched, no-op attention)",
             "memory": "peak RSS rise (VmHWM after clear_refs, else ru_maxrss) of one call in a fresh subprocess"}  # fmt: skip
     result = {"meta": meta, "core": rows, "model": model, "model_more": model_more, "training": training,
               "short": short}  # fmt: skip
-    atomic_write_text(str(out / "attention.json"), json.dumps(result, indent=2))
+    write_json(out / "attention.json", result, indent=2)
     plot(rows, out / "attention.png")
 
 

@@ -1,7 +1,8 @@
 """Linformer, latent and LSH entries for benchmarks/attention.py (issue 4 §4).
 
-benchmarks/attention.py appends `VARIANTS` when this file sits beside it; see its docstring for
-the entry format. "pairs" counts the (query, key) score pairs a method computes, with
+benchmarks/attention.py appends `VARIANTS` to its own; see its docstring for the entry format.
+Run alone, this script times these variants only (plus dense, same run) with benchlib.py's
+harness. "pairs" counts the (query, key) score pairs a method computes, with
 projection / summary work converted at the same cost per pair (one pair = a D-long dot product
 plus a D-long weighted sum):
 - Linformer: n·k scores, plus E·K and F·V = another 2·n·k·D multiply-adds → 2·n·k.
@@ -18,17 +19,14 @@ bucket 64 ≥ 4× with peak ≤ 500 MB; Linformer at n = 1024 not slower than de
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import argparse
 
 import torch
+from benchlib import HEAD_DIM, HEADS, RESULTS, THREADS, bench_core, memory_child, table, write_json
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from surgeon.attention.kernels.latent import latent_attention  # noqa: E402
-from surgeon.attention.kernels.linformer import linformer_attention, random_projection  # noqa: E402
-from surgeon.attention.kernels.lsh import lsh_attention  # noqa: E402
-from surgeon.fsutil import atomic_write_text  # noqa: E402
+from surgeon.attention.kernels.latent import latent_attention
+from surgeon.attention.kernels.linformer import linformer_attention, random_projection
+from surgeon.attention.kernels.lsh import lsh_attention
 
 _CACHE: dict = {}
 
@@ -86,38 +84,30 @@ VARIANTS = [
 
 
 def main() -> None:
-    """Run benchmarks/attention.py's harness on these variants only (plus dense, same run):
+    """Time these variants only (plus dense, same run):
 
         flock /tmp/surgeon-cpu.lock python benchmarks/attention_variants_compressed.py
 
     Writes benchmarks/results/attention_compressed.json."""
-    import argparse
-    import importlib.util
-    import json
-
     parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096, 16384])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--no-memory", action="store_true")
-    parser.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/attention_compressed.json)")
+    parser.add_argument("--out", default=str(RESULTS / "attention_compressed.json"), help="JSON path")
+    parser.add_argument("--_memory", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    here = Path(__file__).resolve().parent
-    spec = importlib.util.spec_from_file_location("attention_harness", here / "attention.py")
-    harness = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(harness)
-    harness.local_variants = lambda: []  # the sliding/blockwise rows belong to attention.py's run
-    torch.set_num_threads(harness.THREADS)
-    rows = harness.bench_core(args.sizes, args.repeat, not args.no_memory)
+    if args._memory:
+        memory_child(VARIANTS, args._memory[0], int(args._memory[1]))
+        return
+    torch.set_num_threads(THREADS)
+    rows = bench_core(VARIANTS, args.sizes, args.repeat, None if args.no_memory else __file__)
     rows = [r for r in rows if not r["causal"]]
-    print(harness.table(rows, None))
-    meta = {"torch": torch.__version__, "threads": harness.THREADS, "heads": harness.HEADS,
-            "head_dim": harness.HEAD_DIM, "dtype": "float32", "batch": 1,
-            "timing": f"best of {args.repeat} interleaved rounds after one warm-up",
-            "memory": "peak RSS rise of one call, fresh subprocess (benchmarks/attention.py)"}  # fmt: skip
-    out = Path(args.out) if args.out else here / "results" / "attention_compressed.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(str(out), json.dumps({"meta": meta, "core": rows}, indent=2))
-    print(f"wrote {out}")
+    print(table(rows, None))
+    meta = {"torch": torch.__version__, "threads": THREADS, "heads": HEADS, "head_dim": HEAD_DIM,
+            "dtype": "float32", "batch": 1, "timing": f"best of {args.repeat} interleaved rounds after one warm-up",
+            "memory": "peak RSS rise of one call, fresh subprocess (benchlib.memory_child)"}  # fmt: skip
+    write_json(args.out, {"meta": meta, "core": rows}, indent=2)
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

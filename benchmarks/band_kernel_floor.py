@@ -20,28 +20,23 @@ interleaved rounds; edge blocks always go through band_plan's fused calls):
 - tiles, GEMMs only: the same without the softmax (not attention: a bound).
 
 Beside them: dense SDPA, a large GEMM's rate (this CPU's practical fp32 peak), and, from the
-whole model (dense, patched, no-op attention; attention.py's `bench_model`), the per-layer window
+whole model (dense, patched, no-op attention; benchlib.py's `bench_model`), the per-layer window
 time that 1.7× allows. Writes benchmarks/results/band_kernel_floor.json.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from benchlib import HEAD_DIM, HEADS, RESULTS, THREADS, bench_model, interleaved_best, write_json
+
+from surgeon.attention.kernels.band import band_plan, run_band, window_bounds
 
 ROOT = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT.parent))
-
-from attention import bench_model, interleaved_best  # noqa: E402  (benchmarks/attention.py)
-from surgeon.attention.kernels.band import band_plan, run_band, window_bounds  # noqa: E402
-from surgeon.fsutil import atomic_write_text  # noqa: E402
-
-HEADS, HEAD_DIM, THREADS = 12, 64, 2
 TARGET = 1.7
 
 
@@ -142,7 +137,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--no-model", action="store_true", help="skip the whole-model timing")
     parser.add_argument("--quick", action="store_true", help="smoke run: n=1024, one round, no model")
-    parser.add_argument("--out", default=str(ROOT / "results" / "band_kernel_floor.json"))
+    parser.add_argument("--out", default=str(RESULTS / "band_kernel_floor.json"))
     args = parser.parse_args()
     if args.quick:
         args.n, args.repeat, args.no_model = 1024, 1, True
@@ -164,8 +159,7 @@ def main() -> None:
         result["model"] = model
         result["allowed_ms_per_layer"] = (model["dense_seconds"] / TARGET - model["rest_seconds"]) / 2 * 1e3
     print(table(result))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out, json.dumps(result, indent=2))
+    write_json(args.out, result, indent=2)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ import subprocess
 import sys
 import time
 
+from surgeon.fsutil import atomic_write_text
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results", "export_memory.json")
 MB = 2**20
@@ -187,20 +189,17 @@ def main() -> None:
     print(f"max |surgeon − PEFT| over all merged tensors: {max_diff:.2e}; "
           f"surgeon output keeps the base's files: {same_layout}")
     os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-    with open(RESULTS, "w", encoding="utf-8") as handle:
-        json.dump(
-            {
-                "config": CONFIG, "shard": SHARD, "shards": len(shards), "checkpoint_mb": round(checkpoint_mb), "largest_tensor": name,
-                "largest_tensor_mb": round(largest, 1), "target_mb": round(target, 1),
-                "build_rss_mb": round(build_rss), "build_s": round(build_s, 1),
-                "rows": [{"exporter": l, "peak_rss_mb": round(r), "wall_s": round(w, 1), "target_met": ok}
-                         for l, r, w, ok in rows],
-                "max_abs_diff_surgeon_vs_peft": max_diff, "same_files_as_base": same_layout,
-                "python": sys.version.split()[0], "ru_maxrss_self_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            },
-            handle, indent=1,
-        )  # fmt: skip
-        handle.write("\n")
+    result = {
+        "config": CONFIG, "shard": SHARD, "shards": len(shards), "checkpoint_mb": round(checkpoint_mb), "largest_tensor": name,
+        "largest_tensor_mb": round(largest, 1), "target_mb": round(target, 1),
+        "build_rss_mb": round(build_rss), "build_s": round(build_s, 1),
+        "rows": [{"exporter": l, "peak_rss_mb": round(r), "wall_s": round(w, 1), "target_met": ok}
+                 for l, r, w, ok in rows],
+        "max_abs_diff_surgeon_vs_peft": max_diff, "same_files_as_base": same_layout,
+        "python": sys.version.split()[0], "ru_maxrss_self_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }  # fmt: skip
+    # surgeon.fsutil, not benchlib: this parent stays free of torch, its own RSS is reported
+    atomic_write_text(RESULTS, json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":

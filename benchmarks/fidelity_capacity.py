@@ -16,23 +16,16 @@ states), AdamW, bf16 autocast, batch = all windows, for two trainable sets: LoRA
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import sys
 import tempfile
 import time
 
 import torch
+from benchlib import LORA_QKV, RESULTS, SEQ, embeddings, eval_docstrings, fidelity, minilm_dir, write_json
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-
-import fidelity  # noqa: E402  (benchmarks/fidelity.py)
-
-RESULTS = os.path.join(HERE, "results", "fidelity_capacity.json")
 SLIDING = [{"do": "sliding_window", "select": {"role": "attn"}, "with": {"window": 64, "global_tokens": [0]}}]
 SETS = [  # name, extra rules, base, learning rate
-    ("LoRA r=8 on q, k, v", fidelity.LORA_QKV, "frozen", 6e-3),
+    ("LoRA r=8 on q, k, v", LORA_QKV, "frozen", 6e-3),
     ("every weight", [], "trainable", 1e-4),
 ]
 
@@ -44,7 +37,7 @@ def fit(base: str, windows: torch.Tensor, reference: torch.Tensor, rules, base_m
     model, _ = surgeon.load_model(base)
     surgeon.patch(model, {"surgeon": 1, "base": base_mode, "rules": SLIDING + rules})
     params = [p for p in model.parameters() if p.requires_grad]
-    before = fidelity.fidelity(model, windows, reference)
+    before = fidelity(model, windows, reference)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     curve, started = [], time.monotonic()
     for step in range(steps):
@@ -56,7 +49,7 @@ def fit(base: str, windows: torch.Tensor, reference: torch.Tensor, rules, base_m
         loss.backward()
         optimizer.step()
         if (step + 1) % 25 == 0 or step + 1 == steps:
-            curve.append({"step": step + 1, "fidelity": fidelity.fidelity(model, windows, reference)})
+            curve.append({"step": step + 1, "fidelity": fidelity(model, windows, reference)})
             print(f"  step {step + 1}: {curve[-1]['fidelity']:.4f}", flush=True)
     return {"trainable_params": sum(p.numel() for p in params), "lr": lr, "before": before,
             "after": curve[-1]["fidelity"] if curve else before, "curve": curve,
@@ -67,41 +60,39 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--windows", type=int, default=8)
     parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--out", default=RESULTS)
+    parser.add_argument("--out", default=str(RESULTS / "fidelity_capacity.json"))
     args = parser.parse_args()
 
     import transformers
 
     import surgeon
-    from surgeon.fsutil import atomic_write_text
     from surgeon.train.data import load_tokenizer, pack
 
     transformers.utils.logging.set_verbosity_error()
     torch.set_num_threads(2)
-    base = fidelity.minilm_dir()
+    base = minilm_dir()
     with tempfile.TemporaryDirectory(prefix="surgeon-capacity-") as work:
         text = os.path.join(work, "eval.txt")
         with open(text, "w", encoding="utf-8") as handle:
-            handle.write("\n\n".join(fidelity._docstrings(fidelity.EVAL_MODULES)))
-        windows = pack(load_tokenizer(base), [text], fidelity.SEQ)
+            handle.write("\n\n".join(eval_docstrings()))
+        windows = pack(load_tokenizer(base), [text], SEQ)
     windows = windows[torch.linspace(0, len(windows) - 1, args.windows).long()]
     dense, _ = surgeon.load_model(base)
-    reference = fidelity.embeddings(dense, windows)
+    reference = embeddings(dense, windows)
     rows = []
     for name, rules, base_mode, lr in SETS:
         print(f"sliding ±32 + global [CLS], {name}:", flush=True)
         rows.append({"trained": name, **fit(base, windows, reference, rules, base_mode, lr, args.steps)})
     result = {
         "model": "all-MiniLM-L6-v2, every layer sliding ±32 + global [CLS]",
-        "windows": f"{args.windows} windows of {fidelity.SEQ} from fidelity.py's evaluation text, trained on (not held out)",
+        "windows": f"{args.windows} windows of {SEQ} from fidelity.py's evaluation text, trained on (not held out)",
         "metric": "mean cosine of mean-pooled, L2-normalised embeddings vs the dense model, on those windows",
         "steps": args.steps, "batch": args.windows, "mixed_precision": "bf16", "rows": rows,
     }  # fmt: skip
     print(f"\n{'trained':22s} {'params':>10s} {'before':>7s} {'after':>7s} {'seconds':>8s}")
     for row in rows:
         print(f"{row['trained']:22s} {row['trainable_params']:10,d} {row['before']:7.4f} {row['after']:7.4f} {row['seconds']:8.0f}")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    atomic_write_text(args.out, json.dumps(result, indent=1) + "\n")
+    write_json(args.out, result)
 
 
 if __name__ == "__main__":

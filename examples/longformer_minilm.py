@@ -18,8 +18,6 @@ of the diff. The trained diff is reloaded and run on a full-length input.
 from __future__ import annotations
 
 import argparse
-import importlib
-import inspect
 import os
 import subprocess
 import sys
@@ -28,6 +26,7 @@ import tempfile
 import torch
 
 import surgeon
+from surgeon.docstrings import docstrings
 from surgeon.precision import native_bf16
 
 MODULES = ["collections", "functools", "itertools", "pathlib", "json", "argparse", "logging", "typing", "asyncio",
@@ -54,11 +53,7 @@ def minilm_dir() -> str:
 
 
 def long_text() -> str:
-    parts = []
-    for name in MODULES:
-        module = importlib.import_module(name)
-        parts += [inspect.getdoc(o) or "" for _, o in inspect.getmembers(module) if inspect.isclass(o) or inspect.isfunction(o)]
-    return "\n\n".join(p for p in parts if p)
+    return "\n\n".join(docstrings(MODULES))
 
 
 def main() -> None:

@@ -19,16 +19,15 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib
 import inspect
 import os
-import pkgutil
 import tempfile
 
 import torch
 import transformers
 
 import surgeon
+from surgeon.docstrings import docstrings, package_modules
 
 PACKAGES = ["asyncio", "email", "unittest", "multiprocessing"]
 RECIPE = {
@@ -50,25 +49,10 @@ def minilm_dir() -> str:
 
 
 def package_docstrings(package: str) -> list[str]:
-    root = importlib.import_module(package)
-    names = [package] + [m.name for m in pkgutil.walk_packages(root.__path__, package + ".")
-                         if ".test" not in m.name and "__main__" not in m.name and "win" not in m.name]  # fmt: skip
-    docs, seen = [], set()
-    for name in names:
-        try:
-            module = importlib.import_module(name)
-        except ImportError:
-            continue
-        objects = [module] + [v for k, v in sorted(vars(module).items())
-                              if not k.startswith("_") and getattr(v, "__module__", None) == name]  # fmt: skip
-        for cls in [o for o in objects if inspect.isclass(o)]:
-            objects += [v for k, v in sorted(vars(cls).items()) if not k.startswith("_") and inspect.isfunction(v)]
-        for obj in objects:
-            doc = inspect.getdoc(obj)
-            if doc and len(doc) > 30 and doc not in seen:
-                seen.add(doc)
-                docs.append(doc)
-    return docs
+    """The distinct docstrings over 30 characters of `package` and its submodules (tests, __main__
+    and Windows-only ones left out): modules, their public classes and functions, and methods."""
+    modules = [package] + package_modules(package, exclude=(".test", "__main__", "win"))
+    return docstrings(modules, members=(inspect.isfunction,), min_length=30)
 
 
 def dataset(tokenizer, max_len: int, limit: int | None):
