@@ -1,7 +1,7 @@
 """Reading Hugging Face checkpoint directories: validate before loading, load strictly.
 
 transformers 5 loads a checkpoint with a missing tensor as a warning (random init) and a stale
-index entry silently (../shared/DESIGN.md §4), so we inspect the files ourselves first:
+index entry silently (seen with transformers 5.24), so we inspect the files ourselves first:
 config.json, safetensors headers (no tensor data is read), the shard index, and we refuse
 pickle `.bin` weights unless asked (`allow_pickle`, then `torch.load(weights_only=True)`).
 """

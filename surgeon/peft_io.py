@@ -1,6 +1,6 @@
 """PEFT interoperability: surgeon LoRA diffs <-> PEFT LoRA adapter directories.
 
-PEFT's saved format (../shared/DESIGN.md §3, checked against peft 0.21): `adapter_config.json`
+PEFT's saved format (read from what peft 0.21's `save_pretrained` writes): `adapter_config.json`
 and `adapter_model.safetensors` with keys `base_model.model.<module path>.lora_A.weight`
 (r × in) and `.lora_B.weight` (out × r), adapter name stripped; embeddings use
 `lora_embedding_A` (r × num_embeddings) / `lora_embedding_B` (dim × r) without `.weight`.

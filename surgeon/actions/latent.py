@@ -27,11 +27,10 @@ class LatentParams(pydantic.BaseModel):
     m: Length  # number of latent slots; cost O(n·m)
     init: Literal["random"] = "random"  # N(0, 1) latents (identical latents could never separate)
     seed: Seed = 0  # layer i draws its latents with seed + i
-    # "latent": slot keys = the latents themselves (two passes over the tokens: 26.0-27.8x dense
-    # SDPA at n=16384, m=256); "attended": slot keys = latent-weighted mean of the token keys (a
-    # third pass, 17.0-19.2x). Same zero-shot MiniLM fidelity (0.470 both) and, after 570 s of
-    # distillation, 0.897 vs 0.906 alone and 0.956 vs 0.952 with local_window 16
-    # (benchmarks/attention.py, benchmarks/fidelity.py)
+    # "latent": slot keys = the latents themselves (two passes over the tokens); "attended":
+    # slot keys = the latent-weighted mean of the token keys (a third pass, ~1.5x slower at
+    # n = 16384). The two distil to the same MiniLM fidelity (benchmarks/README.md), so the
+    # faster one is the default.
     summary_keys: Literal["attended", "latent"] = "latent"
     # > 0: every query also attends the keys within ±local_window/2 exactly, in the same softmax
     # (Long-Short Transformer, Zhu et al. 2021): what m slots cannot hold, e.g. "the previous token"

@@ -6,7 +6,8 @@ head group, global positions, block size, permutations), and implements the
 fallback — for calls it does not cover (cross-attention shapes: more queries than keys).
 
 Per-call global tokens: `model(..., global_attention_mask=m)` reaches the attention function
-through transformers' **kwargs (../shared/DESIGN.md §1). `m` is (B, L) bool/int, nonzero =
+through transformers' **kwargs (v5 hands a model call's extra keyword arguments to every
+attention function). `m` is (B, L) bool/int, nonzero =
 global, indexed by absolute position from the start of the sequence (so `generate()` can pass
 the prompt's mask unchanged at every step); positions past L are not global.
 

@@ -1,7 +1,7 @@
 """Exact LoRA merge: W ← round(W0 + Σ scale·B·A), computed in fp32 and rounded once.
 
 `merge` keeps the original weight (not a subtraction: W0 + ΔW − ΔW drifts by ~1e-3 per cycle in
-bf16, ../shared/DESIGN.md §3), so `unmerge` restores it bit for bit. Merging into a weight that
+bf16, as PEFT 0.21's merge/unmerge does), so `unmerge` restores it bit for bit. Merging into a weight that
 is tied to another module (lm_head ↔ input embeddings) would silently change both; it is
 refused unless the LoRA rule says `untie: true`, in which case the adapted module gets its own
 copy and the partner keeps the original.

@@ -37,11 +37,9 @@ def window_bounds(window: int, causal: bool) -> tuple[int, int]:
 
 def default_block_size(lo: int, hi: int) -> int:
     """Query block size c. Each block computes c + hi - lo keys per query, so small c wastes
-    less; too small and the flash kernel's per-block cost dominates. Measured (12 heads, d=64,
-    fp32, 2 threads, window 512, interleaved rounds, best of 10 / 5; seconds):
-    n=4096 ±256: c=32 0.056, 48 0.059, 64 0.059; causal 0.058 / 0.062 / 0.061;
-    n=16384 ±256: 0.245 / 0.256 / 0.259; causal 0.259 / 0.273 / 0.270. Smaller blocks
-    (16, 24) lose again: the kernel's fixed cost per block takes over."""
+    less; too small and the flash kernel's fixed cost per block dominates. 32 was the fastest
+    of 16 … 64 at ±256 and causal 512, n = 4096 and 16384 (timings in benchmarks/README.md,
+    "Query block size")."""
     return 32
 
 
