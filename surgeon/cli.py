@@ -35,7 +35,7 @@ def cli() -> None:
 @click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), help="Output directory for the diff.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (rules, matched modules) and write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@click.option("--force", is_flag=True, help="Replace OUT if it exists (atomically).")
+@click.option("--force", is_flag=True, help="Replace OUT if it is surgeon's own output (atomically).")
 @click.option("--allow-pickle", is_flag=True, help="Allow pickle .bin weights (loaded with weights_only=True).")
 @friendly
 def apply(recipe_path, model_dir, out_dir, dry_run, as_json, force, allow_pickle):
