@@ -25,6 +25,7 @@ from .checkpoint import CheckpointInfo, inspect_checkpoint, load_model, read_jso
 from .engine import patch, surgery_of, tensor_hash
 from .errors import CheckpointError, SurgeonError
 from .fsutil import atomic_dir
+from .modelpath import resolve_model_path
 from .recipe import Recipe, load_recipe
 
 DIFF_FILE = "diff.safetensors"
@@ -74,7 +75,7 @@ def save_diff(model, out_dir: str, *, base_dir: str | None = None, overwrite: bo
     surgery = surgery_of(model)
     if surgery is None:
         raise SurgeonError("this model has not been patched by surgeon: nothing to save")
-    base_dir = base_dir or base_dir_of(model)
+    base_dir = resolve_model_path(base_dir) if base_dir else base_dir_of(model)
     if base_dir is None:
         raise SurgeonError(
             "cannot tell which checkpoint this model came from; pass base_dir= (the model directory)"
@@ -203,7 +204,7 @@ def load(base_dir: str | None, diff_dir: str, *, allow_pickle: bool = False):
     from safetensors import SafetensorError, safe_open
 
     manifest = read_manifest(diff_dir)
-    base_dir = base_dir or manifest["base"]["path"]
+    base_dir = resolve_model_path(base_dir) if base_dir else manifest["base"]["path"]
     info = inspect_checkpoint(base_dir, allow_pickle=allow_pickle)
     check_base(manifest, info, diff_dir)
     recipes = load_recipes(diff_dir, manifest)
