@@ -50,10 +50,12 @@ class Report:
 
 
 def _render_totals(d: dict) -> str:
-    added = (f"{_n(d['added_params'])}  = {_n(d['added_trainable_params'])} trainable "
-             f"+ {_n(d['added_frozen_params'])} frozen")  # fmt: skip
-    trainable = (f"{_n(d['trainable_params'])}  ({d['trainable_percent']:.4f}% of base) = "
-                 f"{_n(d['trainable_base_params'])} base + {_n(d['added_trainable_params'])} added")  # fmt: skip
+    added = _n(d["added_params"])
+    if d["added_params"]:
+        added += f"  = {_n(d['added_trainable_params'])} trainable + {_n(d['added_frozen_params'])} frozen"
+    trainable = f"{_n(d['trainable_params'])}  ({d['trainable_percent']:.4f}% of base)"
+    if d["added_trainable_params"]:
+        trainable += f" = {_n(d['trainable_base_params'])} base + {_n(d['added_trainable_params'])} added"
     summary = [
         ["model", d["model_class"]],
         ["total params (base)", _n(d["total_params"])],

@@ -66,11 +66,10 @@ def test_dry_run_writes_nothing(recipe, tiny_model_dir, tmp_path):
 
 
 def test_quickstart_recipe_uses_packaged_model(tmp_path, minilm_dir):
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = tmp_path / "quick"
-    result = run("apply", os.path.join(repo, "recipes", "minilm-bitfit.yaml"), "-o", str(out))
+    result = run("apply", "recipes:minilm-bitfit", "-o", str(out), cwd=str(tmp_path))  # the README's command
     assert result.returncode == 0, result.stderr
-    assert "22,713,216" in result.stdout
+    assert "22,713,216" in result.stdout and "3,566,592" in result.stdout
     assert run("verify", str(out)).returncode == 0
 
 

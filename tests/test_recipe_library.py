@@ -140,3 +140,29 @@ def test_cli_dry_run_by_name(tiny_model_dir):
     result = CliRunner().invoke(cli, ["apply", "recipes:lora-llama", tiny_model_dir("llama"), "--dry-run"])
     assert result.exit_code == 0, result.output
     assert "rule 1" in result.output and "lora: 21 modules" in result.output
+
+
+MINILM_RECIPES = [n for n, families in FAMILIES.items() if "bert" in families]
+
+
+@pytest.mark.parametrize("name", MINILM_RECIPES)
+def test_bert_family_recipes_on_the_real_minilm_config(name, minilm_dir):
+    """The recipes that default to the packaged MiniLM plan and add up on it (meta device: config only)."""
+    recipe = surgeon.load_recipe(f"recipes:{name}")
+    assert os.path.samefile(recipe.default_model_dir(), minilm_dir)
+    meta, _ = surgeon.build_meta_model(minilm_dir)
+    report = surgeon.patch(meta, recipe).report(seq_len=512).to_dict()
+    assert report["total_params"] == 22_713_216
+    assert_report_adds_up(report, meta)
+
+
+def test_longformer_recipe_end_to_end_on_minilm(tmp_path, minilm_dir):
+    """The README's Longformer job: apply by name, then verify at the full 4,096 tokens."""
+    runner = CliRunner()
+    out = str(tmp_path / "longformer")
+    result = runner.invoke(cli, ["apply", "recipes:longformer-4096", "-o", out])
+    assert result.exit_code == 0, result.output
+    assert "1,376,256" in result.output  # (4096 - 512) x 384 new position rows, added and trainable
+    result = runner.invoke(cli, ["verify", out, "--seq-len", "4096"])
+    assert result.exit_code == 0, result.output
+    assert "forward output (1, 4096, 384) finite" in result.output
