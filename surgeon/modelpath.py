@@ -54,11 +54,19 @@ def resolve_model_path(spec: str | os.PathLike, *, relative_to: str | None = Non
         raise SurgeonError(f"{prefix}{spec!r}: package '{parts[0]}' is not installed{hint}")
     if not roots:
         raise SurgeonError(f"{prefix}{spec!r}: '{parts[0]}' is a module, not a package directory")
-    candidates = [os.path.join(root, *parts[1:], sub) if sub else os.path.join(root, *parts[1:]) for root in roots]
+    candidates = [
+        os.path.join(root, *parts[1:], sub) if sub else os.path.join(root, *parts[1:]) for root in roots
+    ]
     # a namespace package spans several directories: take the one that holds the path
     found = next((c for c in candidates if os.path.exists(c)), None)
-    if found is None and len(parts) > 1 and not any(os.path.isdir(os.path.join(r, *parts[1:])) for r in roots):
-        raise SurgeonError(f"{prefix}{spec!r}: package '{parts[0]}' has no subpackage directory {'/'.join(parts[1:])}")
+    if (
+        found is None
+        and len(parts) > 1
+        and not any(os.path.isdir(os.path.join(r, *parts[1:])) for r in roots)
+    ):
+        raise SurgeonError(
+            f"{prefix}{spec!r}: package '{parts[0]}' has no subpackage directory {'/'.join(parts[1:])}"
+        )
     return found or candidates[0]
 
 

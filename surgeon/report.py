@@ -76,12 +76,14 @@ def _render_totals(d: dict) -> str:
 
 def _render_rules(d: dict) -> str:
     rows = [
-        [r["rule"], r["action"], r["select"], r["matched_modules"], _n(r["trainable_params"]), _n(r["added_params"]),
-         "; ".join(r["notes"])]
+        [r["rule"], r["action"], r["select"], r["matched_modules"], _n(r["trainable_params"]),
+         _n(r["added_params"]), "; ".join(r["notes"])]
         for r in d["rules"]
     ]  # fmt: skip
     if d["base_trainable_params"]:
-        rows.insert(0, ["base", "trainable", "every base parameter", "", _n(d["base_trainable_params"]), "0", ""])
+        rows.insert(
+            0, ["base", "trainable", "every base parameter", "", _n(d["base_trainable_params"]), "0", ""]
+        )
     rows.append(["total", "", "", "", _n(d["trainable_params"]), _n(d["added_params"]), ""])
     return tabulate(
         rows,
@@ -98,7 +100,9 @@ def _render_layers(d: dict) -> str:
     for group in collapse(d["layers"], key=lambda r: (r["stack"], r["params"], r["trainable_params"],
                                                      r["added_params"], r["attention"])):  # fmt: skip
         first, last = group[0], group[-1]
-        index = str(first["index"]) if len(group) == 1 else f"{first['index']}–{last['index']} (×{len(group)})"
+        index = (
+            str(first["index"]) if len(group) == 1 else f"{first['index']}–{last['index']} (×{len(group)})"
+        )
         rows.append([first["stack"], index, _n(first["params"]), _n(first["trainable_params"]),
                      _n(first["added_params"]), first["attention"] or ""])  # fmt: skip
     out = d["outside_layers"]
@@ -114,28 +118,40 @@ def _render_layers(d: dict) -> str:
 
 def _render_cost(cost: dict) -> str:
     rows = []
-    for group in collapse(cost["modules"], key=lambda c: (_layer_pattern(c), c["variant"], c["causal"], c["flops"],
-                                                          c["dense_flops"], c["score_bytes"])):  # fmt: skip
+    def same(c: dict) -> tuple:
+        return (_layer_pattern(c), c["variant"], c["causal"], c["flops"], c["dense_flops"], c["score_bytes"])
+
+    for group in collapse(cost["modules"], key=same):
         first = group[0]
         module = first["module"] if len(group) == 1 else _fold(group)
-        rows.append([module, first["variant"] + (" (causal)" if first["causal"] else ""), _flops(first["dense_flops"]),
-                     _flops(first["flops"]), _ratio(first["dense_flops"], first["flops"]),
+        variant = first["variant"] + (" (causal)" if first["causal"] else "")
+        rows.append([module, variant, _flops(first["dense_flops"]), _flops(first["flops"]),
+                     _ratio(first["dense_flops"], first["flops"]),
                      _bytes(first["dense_score_bytes"]), _bytes(first["score_bytes"])])  # fmt: skip
     total = cost["total"]
-    rows.append([f"all {len(cost['modules'])} modules", "", _flops(total["dense_flops"]), _flops(total["flops"]),
-                 _ratio(total["dense_flops"], total["flops"]), "", ""])  # fmt: skip
+    rows.append([f"all {len(cost['modules'])} modules", "", _flops(total["dense_flops"]),
+                 _flops(total["flops"]), _ratio(total["dense_flops"], total["flops"]), "", ""])  # fmt: skip
     table = tabulate(
         rows,
-        headers=["module (each)", "variant", "dense FLOPs", "patched FLOPs", "ratio", "dense scores", "patched scores"],
+        headers=[
+            "module (each)",
+            "variant",
+            "dense FLOPs",
+            "patched FLOPs",
+            "ratio",
+            "dense scores",
+            "patched scores",
+        ],
         tablefmt="simple_outline",
         colalign=("left", "left", "right", "right", "right", "right", "right"),
         disable_numparse=True,
     )
     return (
         f"attention cost at seq_len={cost['seq_len']}, one sequence:\n{table}\n"
-        "FLOPs: Q·Kᵀ and P·V (2 FLOPs per multiply-add) over the query-key pairs each method computes; a causal\n"
-        "module's dense baseline counts the n(n+1)/2 causal pairs. Scores: the fp32 score matrix of all heads\n"
-        "of one sequence, as if materialised (dense: n×n; fused kernels tile it, the FLOPs are the same)."
+        "FLOPs: Q·Kᵀ and P·V (2 FLOPs per multiply-add) over the query-key pairs each method\n"
+        "computes; a causal module's dense baseline counts the n(n+1)/2 causal pairs. Scores: the fp32\n"
+        "score matrix of all heads of one sequence, as if materialised (dense: n×n; fused kernels\n"
+        "tile it, the FLOPs are the same)."
     )
 
 
@@ -158,7 +174,11 @@ def _layer_pattern(cost_row: dict) -> str:
     index = cost_row.get("layer")
     if index is None:
         return cost_row["module"]
-    return cost_row["module"].replace(f".{index}.", ".{}.", 1) if f".{index}." in cost_row["module"] else cost_row["module"]
+    return (
+        cost_row["module"].replace(f".{index}.", ".{}.", 1)
+        if f".{index}." in cost_row["module"]
+        else cost_row["module"]
+    )
 
 
 def _fold(group: list[dict]) -> str:
@@ -296,7 +316,9 @@ def _layers(model_map: ModelMap, params: dict, ledger) -> tuple[list[dict], dict
         if "attn" in target.roles and target.layer is not None:
             variant = variant_of(target.module)
             if variant is not None:
-                rows[(target.layer.stack, target.layer.index)]["attention"] = getattr(variant, "name", "custom")
+                rows[(target.layer.stack, target.layer.index)]["attention"] = getattr(
+                    variant, "name", "custom"
+                )
     return list(rows.values()), outside
 
 
@@ -321,7 +343,11 @@ def attention_cost(model_map: ModelMap, seq_len: int) -> dict:
         causal = bool(getattr(module, "is_causal", False))
         dense = dense_cost(seq_len, heads, head_dim, causal=causal)
         variant = variant_of(module)
-        cost = variant.cost(seq_len, heads, head_dim) if variant is not None and hasattr(variant, "cost") else dense
+        cost = (
+            variant.cost(seq_len, heads, head_dim)
+            if variant is not None and hasattr(variant, "cost")
+            else dense
+        )
         modules.append(
             {
                 "module": target.path,
@@ -345,7 +371,9 @@ def attention_cost(model_map: ModelMap, seq_len: int) -> dict:
     }
 
 
-def dense_cost(n: int, heads: int, head_dim: int, *, causal: bool = False, bytes_per_score: int = SCORE_BYTES) -> dict:
+def dense_cost(
+    n: int, heads: int, head_dim: int, *, causal: bool = False, bytes_per_score: int = SCORE_BYTES
+) -> dict:
     """Dense attention of one sequence: Q·Kᵀ and P·V are 2 matmuls of pairs·d multiply-adds per head,
     over n² query-key pairs, or n(n+1)/2 when causal (fused kernels skip the masked half). Score memory
     is the n×n matrix per head that eager attention materialises, causal or not."""

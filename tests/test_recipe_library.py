@@ -85,7 +85,10 @@ def assert_report_adds_up(report: dict, model) -> None:
     assert report["trainable_base_params"] + report["added_trainable_params"] == report["trainable_params"]
     assert report["added_trainable_params"] + report["added_frozen_params"] == report["added_params"]
     rules = report["rules"]
-    assert sum(r["trainable_params"] for r in rules) + report["base_trainable_params"] == report["trainable_params"]
+    assert (
+        sum(r["trainable_params"] for r in rules) + report["base_trainable_params"]
+        == report["trainable_params"]
+    )
     assert sum(r["added_params"] for r in rules) == report["added_params"]
     layers = report["layers"] + [report["outside_layers"]]
     assert sum(r["params"] for r in layers) == report["total_params"]
@@ -106,8 +109,8 @@ def test_longformer_counts_new_position_rows_as_added_everywhere():
 
 def test_new_position_rows_stay_frozen_unless_unfrozen():
     model = tiny_model("bert")
-    recipe = {"surgeon": 1, "rules": [{"do": "extend_positions", "select": {"role": "embed"}, "with": {"length": 128}},
-                                      {"do": "bitfit", "select": {"role": "model"}}]}  # fmt: skip
+    extend = {"do": "extend_positions", "select": {"role": "embed"}, "with": {"length": 128}}
+    recipe = {"surgeon": 1, "rules": [extend, {"do": "bitfit", "select": {"role": "model"}}]}
     report = surgeon.patch(model, recipe).report().to_dict()
     assert report["added_params"] == report["added_frozen_params"] == (128 - 64) * 32
     assert report["added_trainable_params"] == 0
