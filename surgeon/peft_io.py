@@ -158,7 +158,8 @@ def _surgeon_lora(meta: MetaDiff, diff_dir: str, adapter: str | None) -> list[Lo
         problems.append(_slice_problem(slices))
     if problems:
         # one line per cause, each saying what to change
-        raise SurgeonError("\n".join(f"{diff_dir} cannot be exported as a PEFT adapter: {p}" for p in dict.fromkeys(problems)))
+        lines = [f"{diff_dir} cannot be exported as a PEFT adapter: {p}" for p in dict.fromkeys(problems)]
+        raise SurgeonError("\n".join(lines))
     adapters = sorted({a for a, _ in parsed})
     if not adapters:
         raise SurgeonError(f"{diff_dir} holds no LoRA weights: nothing to export to PEFT")
