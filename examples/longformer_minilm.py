@@ -59,10 +59,19 @@ def long_text() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true", help="1024 tokens and 2 steps (for tests)")
-    parser.add_argument("--out", default=None, help="work directory (default: a temp dir)")
+    parser.add_argument("--out", default=None, help="keep the work files here (default: a temp dir, removed at the end)")
     args = parser.parse_args()
+    if args.out:
+        run(args, args.out)
+        print(f"work files kept in {args.out}")
+        return
+    with tempfile.TemporaryDirectory(prefix="surgeon-longformer-") as work:
+        run(args, work)
+    print("work files removed (--out DIR keeps them)")
+
+
+def run(args, work: str) -> None:
     length, steps = (1024, 2) if args.tiny else (2048, 200)
-    work = args.out or tempfile.mkdtemp(prefix="surgeon-longformer-")
     base = minilm_dir()
 
     model, _ = surgeon.load_model(base)
@@ -87,7 +96,7 @@ def main() -> None:
     ids[0, 0] = 101  # [CLS]
     with torch.no_grad():
         hidden = trained(input_ids=ids).last_hidden_state  # (1, length, 384)
-    print(f"converted MiniLM runs {hidden.shape[1]} tokens (was 512); diff in {os.path.join(work, 'trained')}")
+    print(f"converted MiniLM runs {hidden.shape[1]} tokens (was 512)")
 
 
 if __name__ == "__main__":

@@ -88,11 +88,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true", help="a few examples and steps (for tests)")
     parser.add_argument("--epochs", type=float, default=3.0)
-    parser.add_argument("--out", default=None, help="where to put the base and the diff (default: a temp dir)")
+    parser.add_argument("--out", default=None,
+                        help="keep the base and the diff here (default: a temp dir, removed at the end)")
     args = parser.parse_args()
+    if args.out:
+        run(args, args.out)
+        print(f"work files kept in {args.out}")
+        return
+    with tempfile.TemporaryDirectory(prefix="surgeon-cls-") as work:  # ~90 MB: the base is a full copy
+        run(args, work)
+    print("work files removed (--out DIR keeps them)")
+
+
+def run(args, work: str) -> None:
     transformers.utils.logging.set_verbosity_error()
     torch.manual_seed(0)
-    work = args.out or tempfile.mkdtemp(prefix="surgeon-cls-")
     tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_dir())
 
     # the base: MiniLM with a fresh 4-way classification head, saved once so diffs can refer to it

@@ -1,7 +1,7 @@
 """surgeon: recipe-driven surgery on Hugging Face transformers models.
 
     import surgeon
-    recipe = surgeon.load_recipe("recipes/minilm-bitfit.yaml")
+    recipe = surgeon.load_recipe("recipes:minilm-bitfit")   # a shipped recipe, a YAML path or a dict
     surgery = surgeon.patch(model, recipe)      # in place; returns the record of what changed
     print(surgery.report())
     surgeon.save_diff(model, "runs/minilm")      # only the trainable and added tensors

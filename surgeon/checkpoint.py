@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from .errors import CheckpointError
 from .fsutil import relative_inside
+from .modelpath import resolve_model_path
 
 CONFIG = "config.json"
 SINGLE = "model.safetensors"
@@ -65,7 +66,8 @@ def read_config(directory: str) -> dict:
 
 
 def inspect_checkpoint(directory: str, *, allow_pickle: bool = False, need_weights: bool = True) -> CheckpointInfo:
-    """Validate a model directory and list its tensors without reading their data."""
+    """Validate a model directory (or `package:…`) and list its tensors without reading their data."""
+    directory = resolve_model_path(directory)
     config = read_config(directory)
     has = lambda name: os.path.isfile(os.path.join(directory, name))  # noqa: E731
     if has(INDEX):
@@ -170,7 +172,9 @@ def model_class(config: dict):
 
 
 def load_model(directory: str, *, allow_pickle: bool = False, dtype="auto"):
-    """Load a checkpoint into its architecture class; missing tensors are an error."""
+    """Load a checkpoint (a directory or `package:…`) into its architecture class; missing tensors
+    are an error."""
+    directory = resolve_model_path(directory)
     info = inspect_checkpoint(directory, allow_pickle=allow_pickle)
     cls = model_class(info.config)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -200,6 +204,7 @@ def build_meta_model(directory: str):
     import transformers
     from accelerate import init_empty_weights
 
+    directory = resolve_model_path(directory)
     config_dict = read_config(directory)
     try:
         config = transformers.AutoConfig.from_pretrained(directory, local_files_only=True)

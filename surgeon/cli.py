@@ -11,27 +11,30 @@ import sys
 
 import click
 
-from .cli_common import EXIT_BAD_INPUT, friendly, quiet_transformers
+from .cli_common import EXIT_BAD_INPUT, MODEL_DIR, SurgeonGroup, friendly, quiet_transformers
 from .errors import SurgeonError
 
-def _model_dir(recipe, model_dir: str | None) -> str:
+
+def _model_dir(recipe, model_dir: str | None, command: str) -> str:
     if model_dir:
         return model_dir
-    default = recipe.default_model_dir() if recipe is not None else None
+    if recipe is None:
+        raise SurgeonError(f"{command} needs MODEL_DIR (or a --recipe whose `model:` names a default)")
+    default = recipe.default_model_dir()
     if default is None:
-        raise SurgeonError("no MODEL_DIR given and the recipe names no default `model:`")
+        raise SurgeonError(f"{command}: no MODEL_DIR given and {recipe.source} names no default `model:`")
     return default
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=SurgeonGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="surgeon")
 def cli() -> None:
     """surgeon: recipe-driven surgery on Hugging Face transformers models."""
 
 
 @cli.command()
-@click.argument("recipe_path", metavar="RECIPE", type=click.Path(dir_okay=False))
-@click.argument("model_dir", required=False, type=click.Path(file_okay=False))
+@click.argument("recipe_path", metavar="RECIPE")
+@click.argument("model_dir", required=False, type=MODEL_DIR)
 @click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), help="Output directory for the diff.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (rules, matched modules) and write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
@@ -41,12 +44,14 @@ def cli() -> None:
 def apply(recipe_path, model_dir, out_dir, dry_run, as_json, force, allow_pickle):
     """Apply RECIPE to the checkpoint in MODEL_DIR and write a minimal diff to OUT.
 
-    MODEL_DIR may be omitted when the recipe names a default `model:`.
+    RECIPE is a YAML file or a shipped recipe's name, `recipes:NAME` (`surgeon recipes` lists
+    them). MODEL_DIR is a directory or `package:<package>/<subdir>`; it may be omitted when the
+    recipe names a default `model:`.
     """
     from . import load_recipe
 
     recipe = load_recipe(recipe_path)
-    model_dir = _model_dir(recipe, model_dir)
+    model_dir = _model_dir(recipe, model_dir, "apply")
     if not dry_run and not out_dir:
         raise SurgeonError("apply needs -o/--out (or --dry-run)")
     quiet_transformers()
@@ -64,7 +69,8 @@ def apply(recipe_path, model_dir, out_dir, dry_run, as_json, force, allow_pickle
         _print_plan(surgery)
         return
     inspect_checkpoint(model_dir, allow_pickle=allow_pickle)
-    check_paths(inputs=[recipe_path, model_dir], outputs=[out_dir], overwrite=force)
+    # recipe.source: the recipe's file, also for recipes:NAME
+    check_paths(inputs=[recipe.source, model_dir], outputs=[out_dir], overwrite=force)
     model, _ = load_model(model_dir, allow_pickle=allow_pickle)
     surgery = patch(model, recipe)
     report = surgery.report()
@@ -78,19 +84,20 @@ def apply(recipe_path, model_dir, out_dir, dry_run, as_json, force, allow_pickle
 
 def _print_plan(surgery) -> None:
     click.echo("plan (nothing written):")
+    rows = {row["rule"]: row for row in surgery.report().data["rules"]}
     for record in surgery.rules:
+        row = rows[record.index + 1]
         examples = ", ".join(m or "<model>" for m in record.matched[:3])
         more = f", … (+{len(record.matched) - 3})" if len(record.matched) > 3 else ""
         click.echo(
             f"  rule {record.index + 1} [{record.where}] {record.action}: {len(record.matched)} modules"
-            f" ({examples}{more}); trainable +{sum(record.made_trainable.values()):,}"
-            f", added {sum(record.added.values()):,}"
+            f" ({examples}{more}); trainable +{row['trainable_params']:,}, added {row['added_params']:,}"
         )
 
 
 @cli.command()
-@click.argument("model_dir", required=False, type=click.Path(file_okay=False))
-@click.option("-r", "--recipe", "recipe_path", type=click.Path(dir_okay=False), help="Recipe to apply before reporting.")
+@click.argument("model_dir", required=False, type=MODEL_DIR)
+@click.option("-r", "--recipe", "recipe_path", help="Recipe (a file or recipes:NAME) to apply before reporting.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--seq-len", type=click.IntRange(min=1), help="Add per-layer attention cost at this length.")
 @friendly
@@ -98,12 +105,12 @@ def report(model_dir, recipe_path, as_json, seq_len):
     """Parameter counts (total, trainable, added), per rule and per layer, and training memory.
 
     Reads config.json only (the model is built on the meta device), so it takes seconds even
-    for a 70B-parameter config.
+    for a 70B-parameter config. MODEL_DIR may be omitted when the recipe names a default `model:`.
     """
     from . import load_recipe
 
     recipe = load_recipe(recipe_path) if recipe_path else None
-    model_dir = _model_dir(recipe, model_dir)
+    model_dir = _model_dir(recipe, model_dir, "report")
     quiet_transformers()
     from .checkpoint import build_meta_model
     from .engine import Surgery, patch
@@ -116,7 +123,7 @@ def report(model_dir, recipe_path, as_json, seq_len):
 
 
 @cli.command()
-@click.argument("model_dir", required=False, type=click.Path(file_okay=False))
+@click.argument("model_dir", type=MODEL_DIR)
 @click.option("--json", "as_json", is_flag=True, help="Print role -> module paths as JSON.")
 @friendly
 def roles(model_dir, as_json):
@@ -125,8 +132,6 @@ def roles(model_dir, as_json):
     from .checkpoint import build_meta_model
     from .modelmap import ModelMap
 
-    if model_dir is None:
-        raise SurgeonError("roles needs MODEL_DIR")
     model, _ = build_meta_model(model_dir)
     table = ModelMap(model).role_table()
     if as_json:
@@ -169,10 +174,13 @@ def _compress(paths: list[str]) -> list[str]:
 
 @cli.command()
 @click.argument("diff_dir", type=click.Path(file_okay=False))
-@click.option("--base", "base_dir", type=click.Path(file_okay=False), help="Base model dir (default: the one in the manifest).")
+@click.option("--base", "base_dir", type=MODEL_DIR, help="Base model dir (default: the one in the manifest).")
+@click.option("--seq-len", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Tokens in the test forward pass: give the length the diff is meant for (e.g. 2048) "
+                   "to exercise its attention at that size.")
 @click.option("--allow-pickle", is_flag=True, help="Allow pickle .bin base weights.")
 @friendly
-def verify(diff_dir, base_dir, allow_pickle):
+def verify(diff_dir, base_dir, seq_len, allow_pickle):
     """Load DIFF_DIR onto its base strictly (fingerprint, exact tensor set) and run a forward pass."""
     quiet_transformers()
     import torch
@@ -181,7 +189,10 @@ def verify(diff_dir, base_dir, allow_pickle):
 
     manifest = read_manifest(diff_dir)
     model = load(base_dir, diff_dir, allow_pickle=allow_pickle)
-    ids = torch.arange(8).remainder(getattr(model.config, "vocab_size", 100) or 100)[None]
+    limit = _max_tokens(model)
+    if limit is not None and seq_len > limit:
+        raise SurgeonError(f"verify: --seq-len {seq_len} exceeds the {limit} positions of the patched model")
+    ids = torch.arange(seq_len).remainder(getattr(model.config, "vocab_size", 100) or 100)[None]
     with torch.no_grad():
         inputs = _dummy_inputs(model, ids)
         output = model(**inputs)
@@ -194,6 +205,15 @@ def verify(diff_dir, base_dir, allow_pickle):
     )
     if not finite:
         sys.exit(1)
+
+
+def _max_tokens(model) -> int | None:
+    """The longest input the model's learned absolute position tables allow (None: no such table,
+    e.g. rotary positions)."""
+    from .actions.extend_positions import position_offset, position_tables
+
+    sizes = [table.num_embeddings - position_offset(table) for _, table in position_tables(model, "")]
+    return min(sizes) if sizes else None
 
 
 def _dummy_inputs(model, ids):
@@ -253,6 +273,33 @@ def actions_cmd():
         click.echo(f"surgeon: error: {message}", err=True)
     if broken:
         sys.exit(EXIT_BAD_INPUT)
+
+
+@cli.command("recipes")
+@click.argument("name", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print name, description and file of each as JSON.")
+@friendly
+def recipes_cmd(name, as_json):
+    """List the shipped recipes (run one with `surgeon apply recipes:NAME MODEL_DIR -o OUT`), or
+    print recipe NAME's YAML (to copy and edit: `surgeon recipes lora-llama > mine.yaml`)."""
+    from . import recipe_library
+    from .recipe import load_recipe
+
+    if name is not None:
+        with open(recipe_library.path_of(name), encoding="utf-8") as handle:
+            click.echo(handle.read(), nl=False)
+        return
+    listing = []
+    for known in recipe_library.names():
+        recipe = load_recipe(recipe_library.LIBRARY_PREFIX + known)
+        listing.append({"name": known, "description": recipe.description or "", "file": recipe.source})
+    if as_json:
+        click.echo(json.dumps(listing, indent=1))
+        return
+    from tabulate import tabulate
+
+    rows = [[f"{recipe_library.LIBRARY_PREFIX}{r['name']}", r["description"]] for r in listing]
+    click.echo(tabulate(rows, headers=["recipe", "description"], tablefmt="simple", maxcolwidths=[None, 90]))
 
 
 from .cli_train import train_cmd  # noqa: E402

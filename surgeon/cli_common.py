@@ -1,4 +1,5 @@
-"""What every CLI command shares: one-line errors, no tracebacks for bad input, quiet loading.
+"""What every CLI command shares: one-line errors (its own and click's usage errors), no tracebacks
+for bad input, quiet loading, the MODEL_DIR argument type.
 
 Its own module so command files (cli_export, cli_train) can import it without importing cli.py,
 which imports them to register their commands.
@@ -14,6 +15,7 @@ import warnings
 import click
 
 from .errors import SurgeonError
+from .modelpath import resolve_model_path
 
 EXIT_BAD_INPUT = 2
 
@@ -46,11 +48,55 @@ def friendly(func):
 
 
 def quiet_transformers() -> None:
+    """Offline, errors only, and no transformers progress bars ("Loading weights" on every load):
+    a command shows surgeon's own bars (export, train) and nothing else."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
     except ImportError:
-        pass
+        return
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+class ModelDir(click.ParamType):
+    """A model directory argument: a path, or `package:<package>/<subdir>` (surgeon.modelpath)."""
+
+    name = "model_dir"
+
+    def convert(self, value, param, ctx):
+        try:
+            return resolve_model_path(value)
+        except SurgeonError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+MODEL_DIR = ModelDir()
+
+
+def usage_error_line(exc: click.ClickException) -> str:
+    """click's usage error as one line: the command, what is wrong, where to look."""
+    message = " ".join(exc.format_message().split())
+    context = getattr(exc, "ctx", None)
+    if isinstance(exc, click.UsageError) and context is not None:
+        return f"{context.command_path}: {message.rstrip('.')} (see {context.command_path} --help)"
+    return message
+
+
+class SurgeonGroup(click.Group):
+    """The command group: click's own errors (missing argument, bad option value, unknown command)
+    print as `surgeon: error: …` on one line and exit 2, like surgeon's errors."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.ClickException as exc:
+            click.echo(f"surgeon: error: {usage_error_line(exc)}", err=True)
+            sys.exit(EXIT_BAD_INPUT if isinstance(exc, click.UsageError) else exc.exit_code)
+        except click.Abort:
+            _fail("interrupted; nothing was written")
+        if not standalone_mode:
+            return result
+        # non-standalone click returns --help's / --version's exit code as the result
+        sys.exit(result if isinstance(result, int) else 0)

@@ -88,17 +88,24 @@ class SurgeryContext:
             self._set_param(param, trainable)
 
     def replace_parameter(self, module: nn.Module, name: str, tensor: torch.Tensor, *, trainable: bool | None = None) -> None:
+        """Swap a base tensor for `tensor` (e.g. a grown position table). It keeps its trainability
+        and the rule that gave it (unless `trainable` says otherwise); the growth counts as added."""
         old = getattr(module, name)
         full = f"{self.path_of(module)}.{name}"
-        was_trainable = full in self.ledger.trainable
+        owner = self.ledger.trainable.pop(full, None)
         new = nn.Parameter(tensor, requires_grad=False)
         setattr(module, name, new)
         old_shape = self.ledger.resized.get(full, (tuple(old.shape), None))[0]
         self.ledger.resized[full] = (old_shape, tuple(new.shape))
         self.ledger.refresh_names(self.model)
-        self.ledger.trainable.pop(full, None)
-        self._set_param(new, was_trainable if trainable is None else trainable)
+        if trainable is None and owner is not None:
+            new.requires_grad_(True)  # still trainable, still owned by the rule (or base) that made it so
+            self.ledger.trainable[full] = owner
+        elif trainable:
+            self._set_param(new, True)
         if self.rule is not None:
+            growth = new.numel() - old.numel()
+            self.rule.added[full] = self.rule.added.get(full, 0) + growth
             self.rule.notes.append(f"{full}: {tuple(old.shape)} -> {tuple(new.shape)}")
 
     # ---- attention -------------------------------------------------------------------

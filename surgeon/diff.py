@@ -27,6 +27,7 @@ from .engine import patch, surgery_of, tensor_hash
 from .errors import CheckpointError, SurgeonError
 from .fs_marker import DIFF_FILE, DIFF_FORMAT, DIFF_MANIFEST
 from .fsutil import atomic_dir, relative_inside
+from .modelpath import resolve_model_path
 from .recipe import Recipe, load_recipe
 
 MANIFEST = DIFF_MANIFEST  # a diff is recognised as surgeon's by its manifest (surgeon.fs_marker)
@@ -81,7 +82,7 @@ def save_diff(
     surgery = surgery_of(model)
     if surgery is None:
         raise SurgeonError("this model has not been patched by surgeon: nothing to save")
-    base_dir = base_dir or base_dir_of(model)
+    base_dir = resolve_model_path(base_dir) if base_dir else base_dir_of(model)
     if base_dir is None:
         raise SurgeonError(
             "cannot tell which checkpoint this model came from; pass base_dir= (the model directory)"
@@ -219,7 +220,7 @@ def load(base_dir: str | None, diff_dir: str, *, allow_pickle: bool = False):
     from safetensors import SafetensorError, safe_open
 
     manifest = read_manifest(diff_dir)
-    base_dir = base_dir or manifest["base"]["path"]
+    base_dir = resolve_model_path(base_dir) if base_dir else manifest["base"]["path"]
     info = inspect_checkpoint(base_dir, allow_pickle=allow_pickle)
     check_base(manifest, info, diff_dir)
     recipes = load_recipes(diff_dir, manifest)

@@ -25,6 +25,7 @@ class RuleRecord:
     matched: list[str] = field(default_factory=list)
     made_trainable: dict[str, int] = field(default_factory=dict)  # name -> numel
     frozen: dict[str, int] = field(default_factory=dict)
+    # name -> elements this rule added: a whole new tensor, or the growth of a resized base tensor
     added: dict[str, int] = field(default_factory=dict)
     attention: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -71,6 +72,31 @@ class Ledger:
         return sum(self.added_numel.values()) + sum(
             _numel(new) - _numel(old) for old, new in self.resized.values()
         )
+
+    def split(self, name: str) -> tuple[int, int]:
+        """(base, added) elements of parameter `name`: an added tensor is all added, a resized base
+        tensor (a grown position table) is its old size plus the growth, any other is all base."""
+        if name in self.added:
+            return 0, self.added_numel[name]
+        if name in self.resized:
+            old, new = self.resized[name]
+            return _numel(old), _numel(new) - _numel(old)
+        return self.base.get(name, 0), 0
+
+    def trainable_split(self) -> tuple[int, int]:
+        """(base, added) elements of the trainable parameters; their sum is the trainable total."""
+        parts = [self.split(name) for name in self.trainable]
+        return sum(b for b, _ in parts), sum(a for _, a in parts)
+
+    def trainable_owners(self) -> dict[str, RuleRecord | None]:
+        """Each trainable tensor -> the rule that last made it trainable (None: `base: trainable`).
+        Every trainable tensor is counted under exactly one owner, so per-rule counts sum to the total."""
+        owners: dict[str, RuleRecord | None] = dict.fromkeys(self.trainable)
+        for rule in self.rules:
+            for name in rule.made_trainable:
+                if name in owners:
+                    owners[name] = rule
+        return owners
 
     def trainable_names(self) -> list[str]:
         return sorted(self.trainable)

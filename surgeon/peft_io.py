@@ -130,15 +130,19 @@ def _surgeon_lora(meta: MetaDiff, diff_dir: str, adapter: str | None) -> list[Lo
     problems = []
     for rule in meta.surgery.rules:
         if rule.action != LORA_ACTION:
-            problems.append(f"{rule.label} at {rule.where}: only LoRA maps to PEFT; {rule.action} has no PEFT form")
+            problems.append(
+                f"{rule.label} at {rule.where}: only LoRA maps to PEFT and {rule.action} has no PEFT form; "
+                "export --format hf writes the whole patched model where it can"
+            )
     trained = meta.trained_base_names()
     if trained and not problems:
         problems.append(
             f"base tensor {trained[0]} is trained ({ledger.trainable[trained[0]]})"
             + (f", and {len(trained) - 1} more" if len(trained) > 1 else "")
-            + "; a PEFT LoRA adapter carries only LoRA weights"
+            + "; a PEFT LoRA adapter carries only LoRA weights: export --format hf keeps them"
         )
     parsed: dict[tuple[str, str], dict[str, str]] = {}  # (adapter, module path) -> {"A"|"B": name}
+    slices: dict[str, set[str]] = {}  # fused projection path -> the sliced parts LoRA adapts
     for name in meta.added_names():
         if LORA_MARK not in name:
             if not problems:
@@ -147,15 +151,15 @@ def _surgeon_lora(meta: MetaDiff, diff_dir: str, adapter: str | None) -> list[Lo
         path, rest = name.split(LORA_MARK, 1)
         parts = rest.split(".")
         if len(parts) != 2:
-            problems.append(
-                f"LoRA on the {parts[1]} slice of the fused projection {path} ({ledger.added[name]}): "
-                "PEFT can only adapt a fused projection as a whole"
-            )
+            slices.setdefault(path, set()).add(parts[1])
             continue
         parsed.setdefault((parts[0], path), {})[parts[1].removeprefix("lora_")] = name
+    if slices:
+        problems.append(_slice_problem(slices))
     if problems:
-        lines = list(dict.fromkeys(problems))
-        raise SurgeonError(f"{diff_dir} cannot be exported as a PEFT adapter:\n" + "\n".join(f"  {p}" for p in lines))
+        # one line per cause, each saying what to change
+        lines = [f"{diff_dir} cannot be exported as a PEFT adapter: {p}" for p in dict.fromkeys(problems)]
+        raise SurgeonError("\n".join(lines))
     adapters = sorted({a for a, _ in parsed})
     if not adapters:
         raise SurgeonError(f"{diff_dir} holds no LoRA weights: nothing to export to PEFT")
@@ -182,6 +186,17 @@ def _surgeon_lora(meta: MetaDiff, diff_dir: str, adapter: str | None) -> list[Lo
             )
         )  # fmt: skip
     return modules
+
+
+def _slice_problem(slices: dict[str, set[str]]) -> str:
+    """One line for every LoRA on a slice of a fused projection (GPT-2's c_attn q/v thirds)."""
+    paths = sorted(slices)
+    parts = ", ".join(sorted(set().union(*slices.values())))
+    where = paths[0] + (f" and {len(paths) - 1} more" if len(paths) > 1 else "")
+    return (
+        f"LoRA adapts the {parts} slices of the fused projection {where}, and PEFT can only adapt a fused "
+        "projection as a whole; select {role: attn.qkv} instead, or export --format hf (merged)"
+    )
 
 
 def _peft_config(modules: list[LoraModule], base_dir: str) -> dict:

@@ -25,13 +25,15 @@ from typing import Any, Literal
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
-from . import registry
+from . import recipe_library, registry
 from .errors import RecipeError, SurgeonError
+from .modelpath import resolve_model_path
 from .roles import ROLE_NAMES
 from .yamlfile import Path, format_path, line_of, load_yaml
 
 RECIPE_VERSION = 1
-_SLICE = re.compile(r"^\s*(-?\d+)?\s*:\s*(-?\d+)?\s*(?::\s*(-?\d+)?\s*)?$")
+# a bound is a layer index or a percentage of the stack ("0:75%": the first three quarters)
+_SLICE = re.compile(r"^\s*(-?\d+|\d+%)?\s*:\s*(-?\d+|\d+%)?\s*(?::\s*(-?\d+)?\s*)?$")
 _INDEX = re.compile(r"^\s*-?\d+\s*$")
 
 
@@ -45,7 +47,9 @@ class Selector(BaseModel):
     type: str | None = Field(None, description="module class name (also matches base classes), e.g. 'Linear'")
     role: str | list[str] | None = Field(None, description=f"architecture-agnostic role(s): {', '.join(ROLE_NAMES)}")
     layers: str | int | list[int] | None = Field(
-        None, description="layers of the layer stack: a slice string like '0:4' or '-2:', an int, or a list of ints"
+        None,
+        description="layers of the layer stack: a slice string like '0:4', '-2:' or ':75%' "
+        "(a percentage of the stack, rounded down), an int, or a list of ints",
     )  # fmt: skip
 
     @pydantic.model_validator(mode="after")
@@ -83,10 +87,13 @@ class Selector(BaseModel):
             match = _SLICE.match(value)
             if not match:
                 raise ValueError(
-                    f"bad layer slice '{value}': expected 'start:stop[:step]' such as '0:4' or '-2:'"
+                    f"bad layer slice '{value}': expected 'start:stop[:step]' such as '0:4', '-2:' or ':75%'"
                 )
             if match.group(3) is not None and int(match.group(3)) == 0:
                 raise ValueError(f"bad layer slice '{value}': step must not be 0")
+            for bound in match.group(1, 2):
+                if bound and bound.endswith("%") and int(bound[:-1]) > 100:
+                    raise ValueError(f"bad layer slice '{value}': {bound} is over 100%")
         return value
 
     def role_set(self) -> frozenset[str]:
@@ -103,12 +110,21 @@ class Selector(BaseModel):
         elif isinstance(self.layers, list):
             wanted = self.layers
         else:
-            start, stop, step = (int(g) if g else None for g in _SLICE.match(self.layers).groups())
+            start, stop, step = (_bound(g, count) for g in _SLICE.match(self.layers).groups())
             return set(range(count)[slice(start, stop, step)])
         return {i % count for i in wanted if -count <= i < count}
 
     def describe(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.model_dump(exclude_none=True).items())
+
+
+def _bound(text: str | None, count: int) -> int | None:
+    """A slice bound: an index, or `p%` of a stack of `count` layers rounded down (75% of 6 is 4)."""
+    if not text:
+        return None
+    if text.endswith("%"):
+        return count * int(text[:-1]) // 100
+    return int(text)
 
 
 class Rule(BaseModel):
@@ -175,39 +191,35 @@ class Recipe:
     directory: str | None = None
 
     def default_model_dir(self) -> str | None:
-        """Resolve `model:`; None if the recipe names none."""
+        """Resolve `model:` (a directory relative to the recipe file, or `package:…`); None if the
+        recipe names none."""
         if self.model is None:
             return None
-        if self.model.startswith("package:"):
-            import importlib.util
+        return resolve_model_path(self.model, relative_to=self.directory, where=f"{self.source}: model")
 
-            spec = self.model[len("package:") :]
-            package, _, sub = spec.partition("/")
-            found = importlib.util.find_spec(package)
-            if found is None or not found.submodule_search_locations:
-                raise SurgeonError(
-                    f"{self.source}: model: package '{package}' is not installed "
-                    f"(for the MiniLM demo: pip install -e '.[demo]')"
-                )
-            return os.path.join(list(found.submodule_search_locations)[0], sub)
-        if os.path.isabs(self.model) or self.directory is None:
-            return self.model
-        return os.path.join(self.directory, self.model)
+    @property
+    def description(self) -> str | None:
+        return self.data.get("description") if isinstance(self.data, dict) else None
 
 
 def load_recipe(source: str | os.PathLike | dict | Recipe) -> Recipe:
-    """Parse and validate a recipe from a YAML path or a dict. Raises `RecipeError` listing
-    every problem (each with file:line and field path) before anything touches a model."""
+    """Parse and validate a recipe from a YAML path, a shipped recipe's name (`recipes:NAME`, see
+    `surgeon recipes`) or a dict. Raises `RecipeError` listing every problem (each with file:line
+    and field path) before anything touches a model."""
     if isinstance(source, Recipe):
         return source
     if isinstance(source, dict):
         return _validate(source, {}, "<dict>", None, None)
     path = os.fspath(source)
+    if recipe_library.is_library_name(path):
+        path = recipe_library.path_of(path)
     try:
         with open(path, encoding="utf-8") as handle:
             text = handle.read()
     except FileNotFoundError:
-        raise SurgeonError(f"{path}: recipe file not found") from None
+        raise SurgeonError(f"{path}: recipe file not found{recipe_library.suggestion_for_missing_file(path)}") from None
+    except IsADirectoryError:
+        raise SurgeonError(f"{path}: is a directory, not a recipe file") from None
     except UnicodeDecodeError as exc:
         raise SurgeonError(f"{path}: recipe is not UTF-8 text ({exc.reason})") from None
     except OSError as exc:

@@ -1,7 +1,18 @@
-"""Parameter report, read from the ledger only (the diff reads the same record)."""
+"""Parameter report, read from the ledger only (the diff reads the same record).
+
+Every number is a sum over the same per-tensor split (`Ledger.split`: base elements and added
+elements of each parameter), so the parts add up to the totals by construction:
+- totals: base + added = parameters of the patched model; trainable = trainable base + trainable added;
+  added = added trainable + added frozen (e.g. new position rows nobody unfroze);
+- rules: each trainable tensor is counted once, under the rule that last made it trainable (a
+  `base: trainable` row holds the rest), so the rules' trainable column sums to the trainable total;
+  each rule's added elements (new tensors, growth of resized ones) sum to the added total;
+- layers: every parameter belongs to one layer or to "outside the layers", so the rows sum to the totals.
+"""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -10,6 +21,10 @@ from tabulate import tabulate
 from .modelmap import ModelMap
 
 ADAMW_STATES = 2  # exp_avg and exp_avg_sq
+SCORE_BYTES = 4  # the cost table counts fp32 scores, whatever the model's dtype
+NOTE_WIDTH = 56  # the notes column wraps at word boundaries; --json has the full text
+SELECT_WIDTH = 36
+OUTSIDE = "outside the layers"
 
 
 @dataclass
@@ -24,48 +39,9 @@ class Report:
 
     def render(self) -> str:
         d = self.data
-        summary = [
-            ["model", d["model_class"]],
-            ["total params (base)", _n(d["total_params"])],
-            ["trainable params", f"{_n(d['trainable_params'])}  ({d['trainable_percent']:.4f}% of base)"],
-            ["  of which added", _n(d["added_trainable_params"])],
-            ["added params", _n(d["added_params"])],
-            ["diff tensors", f"{d['diff_tensors']}  ({_bytes(d['diff_bytes'])})"],
-        ]
-        mem = d["training_memory"]
-        summary.append(
-            [
-                f"training memory ({mem['dtype']}, AdamW)",
-                f"{_bytes(mem['total_bytes'])} = weights {_bytes(mem['weights_bytes'])} + "
-                f"grads {_bytes(mem['grads_bytes'])} + optimizer {_bytes(mem['optimizer_bytes'])}",
-            ]
-        )
-        parts = [tabulate(summary, tablefmt="simple_outline")]
-        rows = [
-            [r["rule"], r["action"], r["select"], r["matched_modules"], _n(r["trainable_params"]),
-             _n(r["added_params"]), "; ".join(r["notes"])[:60]]
-            for r in d["rules"]
-        ]  # fmt: skip
-        parts.append(
-            tabulate(
-                rows,
-                headers=["rule", "action", "select", "modules", "made trainable", "added", "notes"],
-                tablefmt="simple_outline",
-            )
-        )
+        parts = [_render_totals(d), _render_rules(d)]
         if d["layers"]:
-            layer_rows = [
-                [l["stack"], l["index"], _n(l["params"]), _n(l["trainable_params"]), _n(l["added_params"]),
-                 l["attention"] or ""]
-                for l in d["layers"]
-            ]  # fmt: skip
-            parts.append(
-                tabulate(
-                    layer_rows,
-                    headers=["stack", "layer", "params", "trainable", "added", "attention"],
-                    tablefmt="simple_outline",
-                )
-            )
+            parts.append(_render_layers(d))
         if d.get("attention_cost"):
             parts.append(_render_cost(d["attention_cost"]))
         for warning in d.get("warnings", []):
@@ -73,21 +49,150 @@ class Report:
         return "\n".join(parts)
 
 
-def _render_cost(cost: dict) -> str:
-    rows = [
-        [c["module"], c["variant"], _flops(c["dense_flops"]), _flops(c["flops"]),
-         f"{c['dense_flops'] / max(c['flops'], 1):.1f}x", _bytes(c["dense_score_bytes"]), _bytes(c["score_bytes"])]
-        for c in cost["modules"]
-    ]  # fmt: skip
-    return f"attention cost at seq_len={cost['seq_len']} (per sequence):\n" + tabulate(
-        rows,
-        headers=["module", "variant", "dense FLOPs", "patched FLOPs", "ratio", "dense scores", "patched scores"],
-        tablefmt="simple_outline",
+def _render_totals(d: dict) -> str:
+    added = _n(d["added_params"])
+    if d["added_params"]:
+        added += f"  = {_n(d['added_trainable_params'])} trainable + {_n(d['added_frozen_params'])} frozen"
+    trainable = f"{_n(d['trainable_params'])}  ({d['trainable_percent']:.4f}% of base)"
+    if d["added_trainable_params"]:
+        trainable += f" = {_n(d['trainable_base_params'])} base + {_n(d['added_trainable_params'])} added"
+    summary = [
+        ["model", d["model_class"]],
+        ["total params (base)", _n(d["total_params"])],
+        ["added params", added],
+        ["trainable params", trainable],
+        ["diff tensors", f"{d['diff_tensors']}  ({_bytes(d['diff_bytes'])})"],
+    ]
+    mem = d["training_memory"]
+    summary.append(
+        [
+            f"training memory ({mem['dtype']}, AdamW)",
+            f"{_bytes(mem['total_bytes'])} = weights {_bytes(mem['weights_bytes'])} + "
+            f"grads {_bytes(mem['grads_bytes'])} + optimizer {_bytes(mem['optimizer_bytes'])}",
+        ]
     )
+    return tabulate(summary, tablefmt="simple_outline", disable_numparse=True)  # the summary holds text
+
+
+def _render_rules(d: dict) -> str:
+    rows = [
+        [r["rule"], r["action"], r["select"], r["matched_modules"], _n(r["trainable_params"]),
+         _n(r["added_params"]), "; ".join(r["notes"])]
+        for r in d["rules"]
+    ]  # fmt: skip
+    if d["base_trainable_params"]:
+        rows.insert(
+            0, ["base", "trainable", "every base parameter", "", _n(d["base_trainable_params"]), "0", ""]
+        )
+    rows.append(["total", "", "", "", _n(d["trainable_params"]), _n(d["added_params"]), ""])
+    return tabulate(
+        rows,
+        headers=["rule", "action", "select", "modules", "trainable", "added", "notes"],
+        tablefmt="simple_outline",
+        maxcolwidths=[None, None, SELECT_WIDTH, None, None, None, NOTE_WIDTH],
+        colalign=("right", "left", "left", "right", "right", "right", "left"),
+        disable_numparse=True,
+    )
+
+
+def _render_layers(d: dict) -> str:
+    rows = []
+    for group in collapse(d["layers"], key=lambda r: (r["stack"], r["params"], r["trainable_params"],
+                                                     r["added_params"], r["attention"])):  # fmt: skip
+        first, last = group[0], group[-1]
+        index = (
+            str(first["index"]) if len(group) == 1 else f"{first['index']}–{last['index']} (×{len(group)})"
+        )
+        rows.append([first["stack"], index, _n(first["params"]), _n(first["trainable_params"]),
+                     _n(first["added_params"]), first["attention"] or ""])  # fmt: skip
+    out = d["outside_layers"]
+    rows.append([OUTSIDE, "", _n(out["params"]), _n(out["trainable_params"]), _n(out["added_params"]), ""])
+    return tabulate(
+        rows,
+        headers=["stack", "layer (each)", "params", "trainable", "added", "attention"],
+        tablefmt="simple_outline",
+        colalign=("left", "left", "right", "right", "right", "left"),
+        disable_numparse=True,
+    )
+
+
+def _render_cost(cost: dict) -> str:
+    rows = []
+    def same(c: dict) -> tuple:
+        return (_layer_pattern(c), c["variant"], c["causal"], c["flops"], c["dense_flops"], c["score_bytes"])
+
+    for group in collapse(cost["modules"], key=same):
+        first = group[0]
+        module = first["module"] if len(group) == 1 else _fold(group)
+        variant = first["variant"] + (" (causal)" if first["causal"] else "")
+        rows.append([module, variant, _flops(first["dense_flops"]), _flops(first["flops"]),
+                     _ratio(first["dense_flops"], first["flops"]),
+                     _bytes(first["dense_score_bytes"]), _bytes(first["score_bytes"])])  # fmt: skip
+    total = cost["total"]
+    rows.append([f"all {len(cost['modules'])} modules", "", _flops(total["dense_flops"]),
+                 _flops(total["flops"]), _ratio(total["dense_flops"], total["flops"]), "", ""])  # fmt: skip
+    table = tabulate(
+        rows,
+        headers=[
+            "module (each)",
+            "variant",
+            "dense FLOPs",
+            "patched FLOPs",
+            "ratio",
+            "dense scores",
+            "patched scores",
+        ],
+        tablefmt="simple_outline",
+        colalign=("left", "left", "right", "right", "right", "right", "right"),
+        disable_numparse=True,
+    )
+    return (
+        f"attention cost at seq_len={cost['seq_len']}, one sequence:\n{table}\n"
+        "FLOPs: Q·Kᵀ and P·V (2 FLOPs per multiply-add) over the query-key pairs each method\n"
+        "computes; a causal module's dense baseline counts the n(n+1)/2 causal pairs. Scores: the fp32\n"
+        "score matrix of all heads of one sequence, as if materialised (dense: n×n; fused kernels\n"
+        "tile it, the FLOPs are the same)."
+    )
+
+
+def collapse(rows: list[dict], key) -> list[list[dict]]:
+    """Runs of consecutive rows with the same key, in order (80 identical layers -> one group)."""
+    groups: list[list[dict]] = []
+    for row in rows:
+        if groups and key(groups[-1][-1]) == key(row):
+            groups[-1].append(row)
+        else:
+            groups.append([row])
+    return groups
+
+
+_LAYER_INDEX = re.compile(r"\.(\d+)(?=\.|$)")
+
+
+def _layer_pattern(cost_row: dict) -> str:
+    """The module path with its layer index blanked: rows of the same module in different layers match."""
+    index = cost_row.get("layer")
+    if index is None:
+        return cost_row["module"]
+    return (
+        cost_row["module"].replace(f".{index}.", ".{}.", 1)
+        if f".{index}." in cost_row["module"]
+        else cost_row["module"]
+    )
+
+
+def _fold(group: list[dict]) -> str:
+    first, last = group[0], group[-1]
+    span = f"{{{first['layer']}–{last['layer']}}}"
+    return f"{_layer_pattern(first).replace('{}', span, 1)} (×{len(group)})"
 
 
 def _n(count: int) -> str:
     return f"{count:,}"
+
+
+def _ratio(dense: float, patched: float) -> str:
+    return f"{dense / max(patched, 1):.1f}x"
 
 
 def _bytes(count: float) -> str:
@@ -115,39 +220,50 @@ def build_report(surgery, seq_len: int | None = None) -> Report:
     model = surgery.model
     params = dict(model.named_parameters())
     model_map = ModelMap(model)
-    trainable = ledger.trainable
-    added_trainable = sum(params[n].numel() for n in trainable if n in ledger.added)
-    trainable_total = sum(params[n].numel() for n in trainable)
+    trainable_base, trainable_added = ledger.trainable_split()
+    trainable_total = trainable_base + trainable_added
+    added_trainable = trainable_added
     dtype = next(iter(ledger.base_dtype.values()), torch.float32)
     size = _dtype_bytes(dtype)
     weights = sum(p.numel() for p in params.values())
     diff_bytes = sum(params[n].numel() * params[n].element_size() for n in ledger.diff_names() if n in params)
+    owners = ledger.trainable_owners()
+    owned: dict[int, int] = {}
+    for name, owner in owners.items():
+        key = id(owner) if owner is not None else 0
+        owned[key] = owned.get(key, 0) + sum(ledger.split(name))
     rules = []
     for record in ledger.rules:
         rules.append(
             {
                 "rule": record.index + 1,
                 "line": record.line,
+                "source": record.source,
                 "action": record.action,
                 "select": record.select,
                 "params": record.params,
                 "matched_modules": len(record.matched),
                 "matched_examples": record.matched[:5],
-                "trainable_params": sum(record.made_trainable.values()),
+                "trainable_params": owned.get(id(record), 0),
                 "frozen_params": sum(record.frozen.values()),
                 "added_params": sum(record.added.values()),
                 "attention_modules": record.attention,
                 "notes": record.notes,
             }
         )
+    layers, outside = _layers(model_map, params, ledger)
     data = {
         "model_class": type(model).__name__,
         "dtype": str(dtype).removeprefix("torch."),
         "total_params": ledger.base_total,
+        "added_params": ledger.added_total,
+        "model_params": ledger.base_total + ledger.added_total,
         "trainable_params": trainable_total,
         "trainable_percent": 100.0 * trainable_total / max(ledger.base_total, 1),
-        "added_params": ledger.added_total,
+        "trainable_base_params": trainable_base,
         "added_trainable_params": added_trainable,
+        "added_frozen_params": ledger.added_total - added_trainable,
+        "base_trainable_params": owned.get(0, 0),
         "diff_tensors": len(ledger.diff_names()),
         "diff_bytes": diff_bytes,
         "training_memory": {
@@ -159,7 +275,8 @@ def build_report(surgery, seq_len: int | None = None) -> Report:
             "note": "weights + gradients + AdamW states; activations not included",
         },
         "rules": rules,
-        "layers": _layers(model_map, params, ledger),
+        "layers": layers,
+        "outside_layers": outside,
         "warnings": list(surgery.warnings),
     }
     if seq_len:
@@ -174,7 +291,9 @@ def _owner(model_map: ModelMap, name: str) -> str:
     return path
 
 
-def _layers(model_map: ModelMap, params: dict, ledger) -> list[dict]:
+def _layers(model_map: ModelMap, params: dict, ledger) -> tuple[list[dict], dict]:
+    """One row per layer of every stack, and one for everything outside them: base, trainable and
+    added elements, split per tensor by the ledger, so the rows sum to the totals."""
     from .attention.interface import variant_of
 
     rows: dict[tuple[str, int], dict] = {}
@@ -184,27 +303,28 @@ def _layers(model_map: ModelMap, params: dict, ledger) -> list[dict]:
                 "stack": stack, "index": index, "params": 0, "trainable_params": 0,
                 "added_params": 0, "attention": None,
             }  # fmt: skip
-    for name, param in params.items():
+    outside = {"params": 0, "trainable_params": 0, "added_params": 0}
+    for name in params:
         layer = model_map.layer_of(_owner(model_map, name))
-        if layer is None:
-            continue
-        row = rows[(layer.stack, layer.index)]
-        if name in ledger.added:
-            row["added_params"] += param.numel()
-        else:
-            row["params"] += param.numel()
+        row = outside if layer is None else rows[(layer.stack, layer.index)]
+        base, added = ledger.split(name)
+        row["params"] += base
+        row["added_params"] += added
         if name in ledger.trainable:
-            row["trainable_params"] += param.numel()
+            row["trainable_params"] += base + added
     for target in model_map.targets():
         if "attn" in target.roles and target.layer is not None:
             variant = variant_of(target.module)
             if variant is not None:
-                rows[(target.layer.stack, target.layer.index)]["attention"] = getattr(variant, "name", "custom")
-    return list(rows.values())
+                rows[(target.layer.stack, target.layer.index)]["attention"] = getattr(
+                    variant, "name", "custom"
+                )
+    return list(rows.values()), outside
 
 
 def attention_cost(model_map: ModelMap, seq_len: int) -> dict:
-    """Per self-attention module: FLOPs and peak score memory of dense vs patched attention."""
+    """Per self-attention module: FLOPs and score memory of dense vs patched attention, for one
+    sequence of `seq_len` tokens; a causal module's dense baseline is causal dense attention."""
     from .attention.interface import variant_of
 
     modules = []
@@ -220,23 +340,42 @@ def attention_cost(model_map: ModelMap, seq_len: int) -> dict:
             head_dim = getattr(config, "hidden_size", 0) // heads
         if not heads or not head_dim:
             continue
-        dense = dense_cost(seq_len, heads, head_dim)
+        causal = bool(getattr(module, "is_causal", False))
+        dense = dense_cost(seq_len, heads, head_dim, causal=causal)
         variant = variant_of(module)
-        cost = variant.cost(seq_len, heads, head_dim) if variant is not None and hasattr(variant, "cost") else dense
+        cost = (
+            variant.cost(seq_len, heads, head_dim)
+            if variant is not None and hasattr(variant, "cost")
+            else dense
+        )
         modules.append(
             {
                 "module": target.path,
+                "layer": target.layer.index if target.layer is not None else None,
                 "variant": getattr(variant, "name", "dense") if variant is not None else "dense",
+                "causal": causal,
                 "dense_flops": dense["flops"],
                 "dense_score_bytes": dense["score_bytes"],
                 "flops": cost["flops"],
                 "score_bytes": cost["score_bytes"],
             }
         )
-    return {"seq_len": seq_len, "modules": modules}
+    total = {"dense_flops": sum(m["dense_flops"] for m in modules), "flops": sum(m["flops"] for m in modules)}
+    basis = ("one sequence; FLOPs of Q·Kᵀ and P·V (causal dense: n(n+1)/2 pairs); "
+             "scores: fp32, all heads, as if materialised (dense: n×n)")  # fmt: skip
+    return {
+        "seq_len": seq_len,
+        "basis": basis,
+        "modules": modules,
+        "total": total,
+    }
 
 
-def dense_cost(n: int, heads: int, head_dim: int, bytes_per_score: int = 4) -> dict:
-    """QKᵀ and PV: 2 matmuls of n·n·d multiply-adds per head; scores n×n per head if
-    materialised (fused kernels tile them, but this is the memory the math asks for)."""
-    return {"flops": 4 * heads * n * n * head_dim, "score_bytes": heads * n * n * bytes_per_score}
+def dense_cost(
+    n: int, heads: int, head_dim: int, *, causal: bool = False, bytes_per_score: int = SCORE_BYTES
+) -> dict:
+    """Dense attention of one sequence: Q·Kᵀ and P·V are 2 matmuls of pairs·d multiply-adds per head,
+    over n² query-key pairs, or n(n+1)/2 when causal (fused kernels skip the masked half). Score memory
+    is the n×n matrix per head that eager attention materialises, causal or not."""
+    pairs = n * (n + 1) // 2 if causal else n * n
+    return {"flops": 4 * heads * pairs * head_dim, "score_bytes": heads * n * n * bytes_per_score}

@@ -66,11 +66,10 @@ def test_dry_run_writes_nothing(recipe, tiny_model_dir, tmp_path):
 
 
 def test_quickstart_recipe_uses_packaged_model(tmp_path, minilm_dir):
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = tmp_path / "quick"
-    result = run("apply", os.path.join(repo, "recipes", "minilm-bitfit.yaml"), "-o", str(out))
+    result = run("apply", "recipes:minilm-bitfit", "-o", str(out), cwd=str(tmp_path))  # the README's command
     assert result.returncode == 0, result.stderr
-    assert "22,713,216" in result.stdout
+    assert "22,713,216" in result.stdout and "3,566,592" in result.stdout
     assert run("verify", str(out)).returncode == 0
 
 
@@ -137,3 +136,48 @@ def test_diff_on_a_different_base(recipe, tiny_model_dir, tmp_path):
 
 def test_missing_output_and_model():
     assert_one_line_error(run("apply", "recipes/minilm-bitfit.yaml", "--json"), "needs -o/--out")
+
+
+USAGE_ERRORS = {
+    "missing argument": (["roles"], "surgeon roles: Missing argument 'MODEL_DIR'"),
+    "bad option value": (["report", "x", "--seq-len", "0"], "Invalid value for '--seq-len'"),
+    "unknown option": (["report", "--jsn"], "Did you mean '--json'?"),
+    "unknown command": (["aplly"], "No such command 'aplly'"),
+    "missing option": (["export", "d"], "surgeon export: Missing option '-o' / '--out'"),
+    "bad choice": (["train", "d", "--data", "x", "-o", "y", "--objective", "foo"], "'foo' is not one of"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(USAGE_ERRORS))
+def test_click_usage_errors_are_one_line(case):
+    args, fragment = USAGE_ERRORS[case]
+    result = run(*args)
+    assert_one_line_error(result, fragment)
+    assert result.stderr.count("\n") == 1 and result.stdout == "", result.stderr  # no Usage: block
+
+
+def test_report_without_arguments_says_what_is_missing():
+    result = run("report")
+    assert_one_line_error(result, "report needs MODEL_DIR")
+    assert "recipe names no" not in result.stderr
+
+
+def test_no_transformers_loading_bar(recipe, tiny_model_dir, tmp_path):
+    out = tmp_path / "out"
+    result = run("apply", recipe, tiny_model_dir("bert"), "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "Loading weights" not in result.stderr and "%|" not in result.stderr, result.stderr
+    result = run("verify", str(out))
+    assert result.returncode == 0 and "Loading weights" not in result.stderr, result.stderr
+
+
+def test_verify_seq_len(tmp_path, tiny_model_dir):
+    base = tiny_model_dir("bert")  # 64 positions
+    long = tmp_path / "long.yaml"
+    long.write_text("surgeon: 1\nrules:\n  - do: extend_positions\n    select: {role: embed}\n    with: {length: 256}\n"
+                    "  - do: sliding_window\n    select: {role: attn}\n    with: {window: 16, global_tokens: [0]}\n")  # fmt: skip
+    out = tmp_path / "out"
+    assert run("apply", str(long), base, "-o", str(out)).returncode == 0
+    result = run("verify", str(out), "--seq-len", "256")
+    assert result.returncode == 0 and "forward output (1, 256, 32) finite" in result.stdout, result.stderr
+    assert_one_line_error(run("verify", str(out), "--seq-len", "257"), "exceeds the 256 positions")

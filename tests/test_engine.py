@@ -71,9 +71,10 @@ def test_trainable_set_and_counts_match_independent_computation(family, case):
     assert report["trainable_params"] == sum(names[n].numel() for n in expected)
     assert report["total_params"] == sum(p.numel() for p in names.values())
     assert report["added_params"] == 0
-    assert sum(r["trainable_params"] - r["frozen_params"] for r in report["rules"]) + (
-        report["total_params"] if recipe.get("base") == "trainable" else 0
-    ) == report["trainable_params"]
+    # each trainable tensor is counted once, under the rule that last made it trainable (or base)
+    assert sum(r["trainable_params"] for r in report["rules"]) + report["base_trainable_params"] == (
+        report["trainable_params"]
+    )
     assert surgery.ledger.diff_names() == sorted(expected)
 
 

@@ -170,8 +170,12 @@ def test_export_refuses_lora_on_a_fused_slice(tmp_path):
     rules = [{"do": "lora", "select": {"role": ["attn.q", "attn.v"]}, "with": {"r": 2}}]
     diff = make_diff(base, str(tmp_path / "diff"), rules)
     out = str(tmp_path / "peft")
-    with pytest.raises(SurgeonError, match=r"q slice of the fused projection transformer\.h\.0\.attn\.c_attn"):
+    with pytest.raises(SurgeonError) as caught:
         export_peft(diff, out)
+    # one line for the cause (not one per layer and factor), naming the fix
+    assert len(str(caught.value).splitlines()) == 1, str(caught.value)
+    assert "q, v slices of the fused projection transformer.h.0.attn.c_attn and 2 more" in str(caught.value)
+    assert "role: attn.qkv" in str(caught.value)
     assert not os.path.exists(out)
 
 

@@ -44,7 +44,7 @@ def position_tables(module: nn.Module, path: str) -> list[tuple[str, nn.Embeddin
     return found
 
 
-def _offset(table: nn.Embedding) -> int:
+def position_offset(table: nn.Embedding) -> int:
     # RoBERTa numbers positions from padding_idx + 1 (fairseq); BERT/GPT-2 from 0.
     return 0 if table.padding_idx is None else table.padding_idx + 1
 
@@ -90,16 +90,16 @@ class ExtendPositions(Action):
                     f"extend_positions: {path} already has a LoRA adapter ({lora}) sized for its "
                     f"{table.num_embeddings} rows; put the extend_positions rule before the lora rule"
                 )
-            if params.length <= table.num_embeddings - _offset(table):
+            if params.length <= table.num_embeddings - position_offset(table):
                 raise SurgeonError(
-                    f"extend_positions: {path} already covers {table.num_embeddings - _offset(table)} "
+                    f"extend_positions: {path} already covers {table.num_embeddings - position_offset(table)} "
                     f"positions; length {params.length} would not extend it"
                 )
-            check_added_elements(self.name, path, "the new table", (params.length + _offset(table), table.embedding_dim))
+            check_added_elements(self.name, path, "the new table", (params.length + position_offset(table), table.embedding_dim))
 
     def apply(self, target, params, ctx) -> None:
         for path, table in position_tables(target.module, target.path):
-            offset = _offset(table)
+            offset = position_offset(table)
             old = table.num_embeddings
             rows = params.length + offset
             with torch.no_grad():
