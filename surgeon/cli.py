@@ -11,7 +11,7 @@ import sys
 
 import click
 
-from .cli_common import EXIT_BAD_INPUT, friendly, quiet_transformers
+from .cli_common import EXIT_BAD_INPUT, TRUST_BASE_HELP, friendly, quiet_transformers
 from .errors import SurgeonError
 
 def _model_dir(recipe, model_dir: str | None) -> str:
@@ -171,25 +171,34 @@ def _compress(paths: list[str]) -> list[str]:
 @click.argument("diff_dir", type=click.Path(file_okay=False))
 @click.option("--base", "base_dir", type=click.Path(file_okay=False), help="Base model dir (default: the one in the manifest).")
 @click.option("--allow-pickle", is_flag=True, help="Allow pickle .bin base weights.")
+@click.option("--trust-base", is_flag=True, help=TRUST_BASE_HELP)
 @friendly
-def verify(diff_dir, base_dir, allow_pickle):
-    """Load DIFF_DIR onto its base strictly (fingerprint, exact tensor set) and run a forward pass."""
+def verify(diff_dir, base_dir, allow_pickle, trust_base):
+    """Load DIFF_DIR onto its base strictly (the base's exact content, the diff's own bytes, the
+    exact tensor set) and run a forward pass."""
     quiet_transformers()
     import torch
 
+    from .binding import fully_bound
     from .diff import load, read_manifest
 
     manifest = read_manifest(diff_dir)
-    model = load(base_dir, diff_dir, allow_pickle=allow_pickle)
+    model = load(base_dir, diff_dir, allow_pickle=allow_pickle, trust_base=trust_base)
     ids = torch.arange(8).remainder(getattr(model.config, "vocab_size", 100) or 100)[None]
     with torch.no_grad():
         inputs = _dummy_inputs(model, ids)
         output = model(**inputs)
     first = output[0] if isinstance(output, tuple) else next(iter(output.values()))
     finite = bool(torch.isfinite(first).all())
+    if trust_base:
+        checked = "base content NOT checked (--trust-base)"
+    elif fully_bound(manifest):
+        checked = "fingerprint matches (every base tensor's sha256)"
+    else:
+        checked = "fingerprint matches (listing and replaced tensors only: an older diff)"
     click.echo(
         f"ok: {diff_dir} loads onto {base_dir or manifest['base']['path']}: "
-        f"{len(manifest['tensors'])} tensors, fingerprint matches, forward output {tuple(first.shape)} "
+        f"{len(manifest['tensors'])} tensors, {checked}, forward output {tuple(first.shape)} "
         f"{'finite' if finite else 'NOT finite'}"
     )
     if not finite:

@@ -16,6 +16,10 @@ import click
 from .errors import SurgeonError
 
 EXIT_BAD_INPUT = 2
+TRUST_BASE_HELP = (
+    "Do not check that the base's content is the one the diff was made on (only its tensor names, "
+    "dtypes and shapes); a warning says so."
+)
 
 
 def _fail(message: str) -> None:
