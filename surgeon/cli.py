@@ -59,7 +59,7 @@ def apply(recipe_path, model_dir, out_dir, dry_run, as_json, force, allow_pickle
         from .checkpoint import build_meta_model
 
         inspect_checkpoint(model_dir, allow_pickle=allow_pickle, need_weights=False)
-        model, _ = build_meta_model(model_dir)
+        model, _ = build_meta_model(model_dir, real_buffers=False)
         surgery = patch(model, recipe)
         _print_plan(surgery)
         return
@@ -109,7 +109,7 @@ def report(model_dir, recipe_path, as_json, seq_len):
     from .engine import Surgery, patch
     from .ledger import Ledger
 
-    model, _ = build_meta_model(model_dir)
+    model, _ = build_meta_model(model_dir, real_buffers=False)
     surgery = patch(model, recipe) if recipe else Surgery(model, Ledger(model))
     result = surgery.report(seq_len=seq_len)
     click.echo(json.dumps(result.to_dict(), indent=1) if as_json else result.render())
@@ -127,7 +127,7 @@ def roles(model_dir, as_json):
 
     if model_dir is None:
         raise SurgeonError("roles needs MODEL_DIR")
-    model, _ = build_meta_model(model_dir)
+    model, _ = build_meta_model(model_dir, real_buffers=False)
     table = ModelMap(model).role_table()
     if as_json:
         click.echo(json.dumps(table, indent=1))

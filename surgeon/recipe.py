@@ -30,6 +30,7 @@ from .errors import RecipeError, SurgeonError
 from .yamlfile import Path, format_path, line_of, load_yaml
 
 RECIPE_VERSION = 1
+MAX_RECIPE_BYTES = 2**20  # a recipe for every layer of a 70B model is a few kB; this bounds parse time
 _SLICE = re.compile(r"^\s*(-?\d+)?\s*:\s*(-?\d+)?\s*(?::\s*(-?\d+)?\s*)?$")
 _INDEX = re.compile(r"^\s*-?\d+\s*$")
 
@@ -211,13 +212,15 @@ def load_recipe(source: str | os.PathLike | dict | Recipe) -> Recipe:
     path = os.fspath(source)
     try:
         with open(path, encoding="utf-8") as handle:
-            text = handle.read()
+            text = handle.read(MAX_RECIPE_BYTES + 1)
     except FileNotFoundError:
         raise SurgeonError(f"{path}: recipe file not found") from None
     except UnicodeDecodeError as exc:
         raise SurgeonError(f"{path}: recipe is not UTF-8 text ({exc.reason})") from None
     except OSError as exc:
         raise SurgeonError(f"{path}: cannot read recipe: {exc.strerror}") from None
+    if len(text) > MAX_RECIPE_BYTES:
+        raise SurgeonError(f"{path}: more than {MAX_RECIPE_BYTES} characters; a recipe is a short file")
     data, lines = load_yaml(text, path)
     return _validate(data, lines, path, text, os.path.dirname(os.path.abspath(path)))
 
