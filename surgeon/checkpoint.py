@@ -13,6 +13,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from .config_limits import check_config_limits
 from .errors import CheckpointError
 from .fsutil import relative_inside
 from .modelpath import resolve_model_path
@@ -22,6 +23,21 @@ SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 PICKLE_SINGLE = "pytorch_model.bin"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
+MAX_JSON_BYTES = 64 * 2**20  # a shard index of a 10^5-tensor model is a few MB; a manifest with digests ~10 MB
+_BUILD_ERRORS = (ValueError, TypeError, RuntimeError, AttributeError, KeyError, IndexError, ZeroDivisionError,
+                 OverflowError, AssertionError, OSError)  # fmt: skip
+
+
+def build_errors() -> tuple[type[BaseException], ...]:
+    """What transformers raises for a config it cannot build a model from (negative sizes, heads that
+    do not divide the hidden size, a string where a size belongs — huggingface_hub's strict config
+    validation —, an unknown activation …): the config is user input, so each becomes one line
+    naming config.json instead of a traceback."""
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:  # an older huggingface_hub validates nothing
+        return _BUILD_ERRORS
+    return (*_BUILD_ERRORS, StrictDataclassError)
 
 
 @dataclass
@@ -42,19 +58,44 @@ class CheckpointInfo:
         return hashlib.sha256(text.encode()).hexdigest()
 
 
-def read_json_in(directory: str, name: str, what: str) -> dict:
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's message as one line: no C++ stack frames, whitespace collapsed, capped."""
+    lines = [line.strip() for line in str(exc).splitlines()]
+    kept = [line for line in lines if line and not line.startswith(("Exception raised from", "frame #"))]
+    text = " ".join(kept[:3]) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def parse_json_file(path: str, problem: str):
+    """The JSON in `path` (at most MAX_JSON_BYTES); else one CheckpointError `path: problem (why)`.
+    FileNotFoundError is left to the caller, which knows what a missing file means."""
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read(MAX_JSON_BYTES + 1)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read ({exc.strerror})") from None
+    if len(raw) > MAX_JSON_BYTES:
+        raise CheckpointError(f"{path}: {problem} (larger than {MAX_JSON_BYTES} bytes)")
+    try:
+        return json.loads(raw)
+    except ValueError as exc:  # bad JSON, bad UTF-8, an integer of more digits than Python converts
+        raise CheckpointError(f"{path}: {problem} ({one_line(exc)})") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: {problem} (nested too deeply)") from None
+
+
+def read_json_in(directory: str, name: str, what: str):
     """Read `directory/name`; each failure is one CheckpointError saying which file and why.
     `what` names the directory kind, e.g. "a Hugging Face model directory"."""
     if not os.path.isdir(directory):
         raise CheckpointError(f"{directory}: directory not found")
     path = os.path.join(directory, name)
     try:
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
+        return parse_json_file(path, "not valid JSON")
     except FileNotFoundError:
         raise CheckpointError(f"{directory}: no {name}: not {what}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
 
 
 def read_config(directory: str) -> dict:
@@ -62,6 +103,9 @@ def read_config(directory: str) -> dict:
     path = os.path.join(directory, CONFIG)
     if not isinstance(config, dict) or "model_type" not in config:
         raise CheckpointError(f"{path}: no model_type: not a transformers config")
+    if not isinstance(config["model_type"], str):
+        raise CheckpointError(f"{path}: model_type must be a string, not {config['model_type']!r}")
+    check_config_limits(config, path)
     return config
 
 
@@ -100,12 +144,9 @@ def read_index(directory: str, name: str = INDEX) -> dict[str, str]:
     """
     path = os.path.join(directory, name)
     try:
-        with open(path, encoding="utf-8") as handle:
-            index = json.load(handle)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path}: not a valid shard index ({exc})") from None
-    except OSError as exc:
-        raise CheckpointError(f"{path}: cannot read the shard index ({exc.strerror})") from None
+        index = parse_json_file(path, "not a valid shard index")
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: cannot read the shard index (no such file)") from None
     if not isinstance(index, dict):
         raise CheckpointError(f"{path}: not a valid shard index (a JSON {type(index).__name__}, not an object)")
     weight_map = index.get("weight_map")
@@ -138,6 +179,11 @@ def _inspect_sharded(directory: str, config: dict) -> CheckpointInfo:
             raise CheckpointError(f"{index_path}: shard {file} is listed but missing")
         header = _read_header(directory, file)
         for name, meta in header.items():
+            # transformers loads what a shard stores, whatever the index says: a tensor the index
+            # does not place in this shard is ambiguous (which copy is the checkpoint's?)
+            if weight_map.get(name) != file:
+                listed = f"lists it in {weight_map[name]}" if name in weight_map else "does not list it"
+                raise CheckpointError(f"{index_path}: shard {file} stores tensor {name}, but the index {listed}")
             info.tensors[name] = meta
     for name, file in weight_map.items():
         if name not in info.tensors:
@@ -160,14 +206,23 @@ def _read_header(directory: str, file: str) -> dict[str, tuple[str, list[int]]]:
         raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({exc})") from None
 
 
-def model_class(config: dict):
-    """The class the checkpoint was saved from (keeps its head), else the base AutoModel."""
+def model_class(config: dict, source: str = CONFIG):
+    """The class the checkpoint was saved from (keeps its head), else the base AutoModel.
+    A name transformers does not have (a custom architecture) falls back to AutoModel; a name
+    it has that is not a model class (`BertConfig`, `pipeline`) is refused."""
     import transformers
+    from transformers.models.auto.auto_factory import _BaseAutoModelClass
 
-    for name in config.get("architectures") or []:
+    names = config.get("architectures") or []
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        raise CheckpointError(f"{source}: architectures must be a list of class names, not {names!r}")
+    for name in names:
         cls = getattr(transformers, name, None)
-        if cls is not None:
-            return cls
+        if cls is None:
+            continue
+        if not (isinstance(cls, type) and issubclass(cls, (transformers.PreTrainedModel, _BaseAutoModelClass))):
+            raise CheckpointError(f"{source}: architectures: {name!r} is not a transformers model class")
+        return cls
     return transformers.AutoModel
 
 
@@ -176,16 +231,15 @@ def load_model(directory: str, *, allow_pickle: bool = False, dtype="auto"):
     are an error."""
     directory = resolve_model_path(directory)
     info = inspect_checkpoint(directory, allow_pickle=allow_pickle)
-    cls = model_class(info.config)
+    cls = model_class(info.config, os.path.join(directory, CONFIG))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     kwargs = dict(dtype=dtype, local_files_only=True, output_loading_info=True)
     if info.format == "pickle":
         kwargs["use_safetensors"] = False
     try:
         model, loading = cls.from_pretrained(directory, **kwargs)
-    except (OSError, ValueError, RuntimeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{directory}: cannot load the model: {first}") from None
+    except build_errors() as exc:
+        raise CheckpointError(f"{directory}: cannot load the model: {one_line(exc)}") from None
     missing = list(loading.get("missing_keys") or [])
     mismatched = list(loading.get("mismatched_keys") or [])
     if missing:
@@ -199,32 +253,41 @@ def load_model(directory: str, *, allow_pickle: bool = False, dtype="auto"):
     return model, info
 
 
-def build_meta_model(directory: str):
-    """The model's structure from config.json alone, on the meta device (no weights read)."""
+def build_meta_model(directory: str, *, real_buffers: bool = True):
+    """The model's structure from config.json alone, on the meta device (no weights read).
+
+    real_buffers: the buffers the model class creates (position ids, some models' n×n causal
+    masks) are real tensors, as export needs them; False puts them on the meta device too, so a
+    command that only inspects the structure (report, apply --dry-run, roles) allocates nothing
+    in proportion to what the config asks for."""
     import transformers
     from accelerate import init_empty_weights
+    from transformers.models.auto.auto_factory import _BaseAutoModelClass
 
     directory = resolve_model_path(directory)
     config_dict = read_config(directory)
     try:
         config = transformers.AutoConfig.from_pretrained(directory, local_files_only=True)
-    except (OSError, ValueError, KeyError) as exc:
-        raise CheckpointError(f"{directory}/config.json: {exc}") from None
-    cls = model_class(config_dict)
+    except build_errors() as exc:
+        raise CheckpointError(f"{directory}/config.json: {one_line(exc)}") from None
+    cls = model_class(config_dict, os.path.join(directory, CONFIG))
     import torch
 
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, None)
     previous = torch.get_default_dtype()
-    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
-        torch.set_default_dtype(dtype)  # so the report's memory estimate uses the checkpoint dtype
+    # the checkpoint's dtype, so the report's memory estimate uses it (torch takes only these as default)
+    default = dtype if dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) else previous
     try:
-        with init_empty_weights():
-            if cls is transformers.AutoModel:
-                model = transformers.AutoModel.from_config(config)
+        torch.set_default_dtype(default)
+        with init_empty_weights(include_buffers=not real_buffers):
+            if issubclass(cls, _BaseAutoModelClass):  # AutoModel, AutoModelForCausalLM …
+                model = cls.from_config(config)
             else:
                 model = cls(config)
+    except build_errors() as exc:
+        raise CheckpointError(f"{directory}/config.json: cannot build {cls.__name__} from it: {one_line(exc)}") from None
     finally:
         torch.set_default_dtype(previous)
     model.tie_weights()  # from_pretrained ties; a bare constructor on meta may not

@@ -11,7 +11,7 @@ import sys
 
 import click
 
-from .cli_common import EXIT_BAD_INPUT, MODEL_DIR, SurgeonGroup, friendly, quiet_transformers
+from .cli_common import EXIT_BAD_INPUT, MODEL_DIR, TRUST_BASE_HELP, SurgeonGroup, friendly, quiet_transformers
 from .errors import SurgeonError
 
 
@@ -64,7 +64,7 @@ def apply(recipe_path, model_dir, out_dir, dry_run, as_json, force, allow_pickle
         from .checkpoint import build_meta_model
 
         inspect_checkpoint(model_dir, allow_pickle=allow_pickle, need_weights=False)
-        model, _ = build_meta_model(model_dir)
+        model, _ = build_meta_model(model_dir, real_buffers=False)
         surgery = patch(model, recipe)
         _print_plan(surgery)
         return
@@ -116,7 +116,7 @@ def report(model_dir, recipe_path, as_json, seq_len):
     from .engine import Surgery, patch
     from .ledger import Ledger
 
-    model, _ = build_meta_model(model_dir)
+    model, _ = build_meta_model(model_dir, real_buffers=False)
     surgery = patch(model, recipe) if recipe else Surgery(model, Ledger(model))
     result = surgery.report(seq_len=seq_len)
     click.echo(json.dumps(result.to_dict(), indent=1) if as_json else result.render())
@@ -132,7 +132,7 @@ def roles(model_dir, as_json):
     from .checkpoint import build_meta_model
     from .modelmap import ModelMap
 
-    model, _ = build_meta_model(model_dir)
+    model, _ = build_meta_model(model_dir, real_buffers=False)
     table = ModelMap(model).role_table()
     if as_json:
         click.echo(json.dumps(table, indent=1))
@@ -179,16 +179,19 @@ def _compress(paths: list[str]) -> list[str]:
               help="Tokens in the test forward pass: give the length the diff is meant for (e.g. 2048) "
                    "to exercise its attention at that size.")
 @click.option("--allow-pickle", is_flag=True, help="Allow pickle .bin base weights.")
+@click.option("--trust-base", is_flag=True, help=TRUST_BASE_HELP)
 @friendly
-def verify(diff_dir, base_dir, seq_len, allow_pickle):
-    """Load DIFF_DIR onto its base strictly (fingerprint, exact tensor set) and run a forward pass."""
+def verify(diff_dir, base_dir, seq_len, allow_pickle, trust_base):
+    """Load DIFF_DIR onto its base strictly (the base's exact content, the diff's own bytes, the
+    exact tensor set) and run a forward pass."""
     quiet_transformers()
     import torch
 
+    from .binding import fully_bound
     from .diff import load, read_manifest
 
     manifest = read_manifest(diff_dir)
-    model = load(base_dir, diff_dir, allow_pickle=allow_pickle)
+    model = load(base_dir, diff_dir, allow_pickle=allow_pickle, trust_base=trust_base)
     limit = _max_tokens(model)
     if limit is not None and seq_len > limit:
         raise SurgeonError(f"verify: --seq-len {seq_len} exceeds the {limit} positions of the patched model")
@@ -198,9 +201,15 @@ def verify(diff_dir, base_dir, seq_len, allow_pickle):
         output = model(**inputs)
     first = output[0] if isinstance(output, tuple) else next(iter(output.values()))
     finite = bool(torch.isfinite(first).all())
+    if trust_base:
+        checked = "base content NOT checked (--trust-base)"
+    elif fully_bound(manifest):
+        checked = "fingerprint matches (every base tensor's sha256)"
+    else:
+        checked = "fingerprint matches (listing and replaced tensors only: an older diff)"
     click.echo(
         f"ok: {diff_dir} loads onto {base_dir or manifest['base']['path']}: "
-        f"{len(manifest['tensors'])} tensors, fingerprint matches, forward output {tuple(first.shape)} "
+        f"{len(manifest['tensors'])} tensors, {checked}, forward output {tuple(first.shape)} "
         f"{'finite' if finite else 'NOT finite'}"
     )
     if not finite:

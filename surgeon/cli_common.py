@@ -18,6 +18,10 @@ from .errors import SurgeonError
 from .modelpath import resolve_model_path
 
 EXIT_BAD_INPUT = 2
+TRUST_BASE_HELP = (
+    "Do not check that the base's content is the one the diff was made on (only its tensor names, "
+    "dtypes and shapes); a warning says so."
+)
 
 
 def _fail(message: str) -> None:

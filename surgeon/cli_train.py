@@ -10,7 +10,7 @@ import sys
 
 import click
 
-from .cli_common import friendly, quiet_transformers
+from .cli_common import TRUST_BASE_HELP, friendly, quiet_transformers
 
 
 @click.command("train")
@@ -41,11 +41,12 @@ from .cli_common import friendly, quiet_transformers
                    "(layers calibrate independently; --final/--attn-weight do not apply). Good as a first stage.")
 @click.option("--mixed-precision", type=click.Choice(["no", "bf16"]), default="no", show_default=True,
               help="bf16: forward passes under bf16 autocast (weights and optimizer stay fp32); ~1.5x faster on CPUs with AVX512-BF16/AMX.")
+@click.option("--trust-base", is_flag=True, help=TRUST_BASE_HELP)
 @click.option("--force", is_flag=True, help="Replace OUT if it exists (atomically).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @friendly
 def train_cmd(diff_dir, data_files, objective, steps, seq_len, batch_size, lr, save_every, resume, out_dir,
-              base_dir, seed, final, final_weight, attn_weight, time_limit, layerwise, mixed_precision, force, no_progress):  # fmt: skip
+              base_dir, seed, final, final_weight, attn_weight, time_limit, layerwise, mixed_precision, trust_base, force, no_progress):  # fmt: skip
     """Train the trainable tensors of the patched model in DIFF_DIR; write the trained diff to OUT."""
     quiet_transformers()
     from .train import TrainingInterrupted, train
@@ -55,7 +56,7 @@ def train_cmd(diff_dir, data_files, objective, steps, seq_len, batch_size, lr, s
             diff_dir, list(data_files), out_dir=out_dir, objective=objective, steps=steps, seq_len=seq_len,
             batch_size=batch_size, lr=lr, save_every=save_every, resume=resume, base_dir=base_dir, seed=seed,
             final=final, final_weight=final_weight, attn_weight=attn_weight, time_limit=time_limit, mixed_precision=mixed_precision,
-            layerwise=layerwise, overwrite=force, progress=not no_progress,
+            layerwise=layerwise, trust_base=trust_base, overwrite=force, progress=not no_progress,
         )  # fmt: skip
     except TrainingInterrupted as exc:
         click.echo(f"surgeon: error: {exc}", err=True)

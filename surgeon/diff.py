@@ -3,16 +3,18 @@
 A diff directory holds
 - `diff.safetensors`: exactly `ledger.diff_names()` — nothing else;
 - `recipe.yaml` (and `recipe-2.yaml`, … if the model was patched more than once);
-- `manifest.json`: surgeon version, base path, the base's fingerprint (every tensor's
-  name/dtype/shape, and sha256 of the base content of each tensor the diff replaces), and
-  what each stored tensor is.
-`load(base, diff)` re-applies the recipes to the base, each rule with the parameters recorded
-at save time, and loads the tensors strictly.
+- `manifest.json`: surgeon version, base path, what binds the diff to its exact base (every
+  base tensor's name/dtype/shape and sha256, `surgeon.binding`), and what each stored tensor
+  is (dtype, shape, sha256).
+`load(base, diff)` checks the base and the diff's own bytes against the manifest, re-applies
+the recipes to the base, each rule with the parameters recorded at save time, and loads the
+tensors strictly.
 """
 
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import os
 from collections.abc import Iterable
@@ -22,17 +24,19 @@ import torch
 import yaml
 
 from . import __version__
-from .checkpoint import CheckpointInfo, inspect_checkpoint, load_model, read_json_in
-from .engine import patch, surgery_of, tensor_hash
+from .binding import base_record, check_base, check_diff_file, diff_file_record, fully_bound
+from .checkpoint import inspect_checkpoint, load_model, read_json_in
+from .engine import patch, surgery_of
 from .errors import CheckpointError, SurgeonError
 from .fs_marker import DIFF_FILE, DIFF_FORMAT, DIFF_MANIFEST
 from .fsutil import atomic_dir, relative_inside
 from .modelpath import resolve_model_path
+from .manifest_schema import validate_manifest
 from .recipe import Recipe, load_recipe
 
 MANIFEST = DIFF_MANIFEST  # a diff is recognised as surgeon's by its manifest (surgeon.fs_marker)
 FORMAT = DIFF_FORMAT
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the base's content and the diff's own tensors are digested (surgeon.binding)
 
 
 def _recipe_file(i: int) -> str:
@@ -89,6 +93,7 @@ def save_diff(
         )
     info = inspect_checkpoint(base_dir, allow_pickle=True)
     tensors = diff_tensors(model)
+    base = base_record(info)  # hashes the base's files once; cached for later loads
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -98,9 +103,7 @@ def save_diff(
             "path": os.path.abspath(base_dir),
             "model_type": info.config.get("model_type"),
             "architectures": info.config.get("architectures"),
-            "listing_sha256": info.listing_digest() if info.tensors else None,
-            "tensors": {n: _spec(d, s) for n, (d, s) in sorted(info.tensors.items())},
-            "replaced_sha256": {n: h for n, h in sorted(surgery.base_hashes.items()) if n in tensors},
+            **base,
         },
         "recipes": [_recipe_file(i) for i in range(len(surgery.recipes))],
         # every rule's parameters with the defaults filled in: load_recipes re-applies these,
@@ -119,6 +122,10 @@ def save_diff(
     recipe_files = [r.source for r in surgery.recipes if r.directory is not None]
     with atomic_dir(out_dir, [base_dir, *recipe_files, *inputs], overwrite=overwrite) as tmp:
         save_file(tensors, os.path.join(tmp, DIFF_FILE), metadata={"format": FORMAT})
+        # digests of the bytes as written, read back from the file
+        manifest["diff_header_sha256"], stored = diff_file_record(os.path.join(tmp, DIFF_FILE))
+        for name, record in manifest["tensors"].items():
+            record["sha256"] = stored[name]
         for i, recipe in enumerate(surgery.recipes):
             with open(os.path.join(tmp, _recipe_file(i)), "w", encoding="utf-8") as handle:
                 handle.write(_recipe_text(recipe))
@@ -128,39 +135,17 @@ def save_diff(
     return manifest
 
 
-def _spec(dtype: str, shape) -> str:
-    """("F32", [384, 512]) -> "F32[384,512]": one short line per tensor in the manifest."""
-    return f"{dtype}[{','.join(str(int(x)) for x in shape)}]"
-
-
 def read_manifest(diff_dir: str) -> dict:
+    """The manifest of `diff_dir`, its types checked (`surgeon.manifest_schema`)."""
     path = os.path.join(diff_dir, MANIFEST)
     manifest = read_json_in(diff_dir, MANIFEST, "a surgeon diff")
-    if manifest.get("format") != FORMAT:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a surgeon diff manifest")
-    if manifest.get("format_version", 0) > FORMAT_VERSION:
-        raise CheckpointError(f"{path}: diff format {manifest['format_version']} is newer than this surgeon reads")
+    version = manifest.get("format_version", 1)
+    if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
+        raise CheckpointError(f"{path}: diff format {version} is newer than this surgeon reads")
+    validate_manifest(manifest, path)
     return manifest
-
-
-def check_base(manifest: dict, info: CheckpointInfo, diff_dir: str) -> None:
-    """Refuse a base whose tensor listing differs from the one the diff was made on."""
-    expected = manifest["base"].get("tensors") or {}
-    if not expected or not info.tensors:
-        return  # pickle bases have no header listing
-    if info.listing_digest() == manifest["base"].get("listing_sha256"):
-        return
-    for name, spec in expected.items():
-        if name not in info.tensors:
-            raise CheckpointError(f"{diff_dir} was made on another base: {info.directory} has no tensor {name}")
-        got = _spec(*info.tensors[name])
-        if got != spec:
-            raise CheckpointError(
-                f"{diff_dir} was made on another base: tensor {name} is {got} "
-                f"in {info.directory}, expected {spec}"
-            )
-    extra = sorted(set(info.tensors) - set(expected))
-    raise CheckpointError(f"{diff_dir} was made on another base: {info.directory} has an extra tensor {extra[0]}")
 
 
 def check_stored_names(path: str, stored: set[str], expected: set[str]) -> None:
@@ -215,24 +200,38 @@ def load_recipes(diff_dir: str, manifest: dict) -> list[Recipe]:
     return recipes
 
 
-def load(base_dir: str | None, diff_dir: str, *, allow_pickle: bool = False):
-    """Load `base_dir`, re-apply the diff's recipes, load its tensors strictly; return the model."""
+def _tensor_hash(tensor: torch.Tensor) -> str:
+    """sha256 of a loaded tensor's bytes: how format 1 recorded the base tensors a diff replaces."""
+    data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+    return hashlib.sha256(data.numpy().tobytes()).hexdigest()
+
+
+def _check_replaced(manifest: dict, model, base_dir: str, diff_dir: str) -> None:
+    """Format 1 diffs: the base content of the tensors they replace, as the loaded model holds it."""
+    params = dict(model.named_parameters())
+    for name, digest in manifest["base"].get("replaced_sha256", {}).items():
+        if name not in params:
+            raise CheckpointError(f"{diff_dir}: base {base_dir} has no parameter {name}")
+        if _tensor_hash(params[name]) != digest:
+            raise CheckpointError(f"{diff_dir} was made on another base: the content of {name} in {base_dir} differs")
+
+
+def load(base_dir: str | None, diff_dir: str, *, allow_pickle: bool = False, trust_base: bool = False):
+    """Load `base_dir`, re-apply the diff's recipes, load its tensors strictly; return the model.
+
+    The base must be the checkpoint the diff was made on, tensor for tensor (`surgeon.binding`);
+    `trust_base=True` checks only its tensor names, dtypes and shapes, and warns.
+    """
     from safetensors import SafetensorError, safe_open
 
     manifest = read_manifest(diff_dir)
     base_dir = resolve_model_path(base_dir) if base_dir else manifest["base"]["path"]
     info = inspect_checkpoint(base_dir, allow_pickle=allow_pickle)
-    check_base(manifest, info, diff_dir)
+    check_base(manifest, info, diff_dir, trust_base=trust_base)
     recipes = load_recipes(diff_dir, manifest)
     model, _ = load_model(base_dir, allow_pickle=allow_pickle)
-    params = dict(model.named_parameters())
-    for name, digest in manifest["base"].get("replaced_sha256", {}).items():
-        if name not in params:
-            raise CheckpointError(f"{diff_dir}: base {base_dir} has no parameter {name}")
-        if tensor_hash(params[name]) != digest:
-            raise CheckpointError(
-                f"{diff_dir} was made on another base: the content of {name} in {base_dir} differs"
-            )
+    if not trust_base and not fully_bound(manifest):
+        _check_replaced(manifest, model, base_dir, diff_dir)
     for recipe in recipes:
         patch(model, recipe)
     expected = set(surgery_of(model).ledger.diff_names())
@@ -256,5 +255,6 @@ def load(base_dir: str | None, diff_dir: str, *, allow_pickle: bool = False):
         raise CheckpointError(f"{diff_dir}: no {DIFF_FILE}") from None
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({exc})") from None
+    check_diff_file(manifest, path)
     model.eval()
     return model

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
 import warnings
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 
 from . import registry
@@ -27,7 +25,6 @@ class Surgery:
     ledger: Ledger
     recipes: list[Recipe] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
-    base_hashes: dict[str, str] = field(default_factory=dict)  # base content of replaced tensors
     applied: set = field(default_factory=set)  # rule identities, to refuse re-application
 
     @property
@@ -86,7 +83,6 @@ def patch(model: nn.Module, recipe: Recipe | dict | str) -> Surgery:
         surgery.applied.add(rule.key())
     ctx.rule = None
     surgery.recipes.append(recipe)
-    _hash_base(surgery, model)
     setattr(model, SURGERY_ATTR, surgery)
     surgery.ledger.check_consistent(model)
     return surgery
@@ -159,21 +155,3 @@ def _collapse(failures: list[tuple[Target, str]]) -> list[str]:
 
 def _where(recipe: Recipe, rule: RuleSpec) -> str:
     return f"{recipe.source}:{rule.line}" if rule.line else recipe.source
-
-
-def tensor_hash(tensor: torch.Tensor) -> str:
-    data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-    return hashlib.sha256(data.numpy().tobytes()).hexdigest()
-
-
-def _hash_base(surgery: Surgery, model: nn.Module) -> None:
-    """Record the base content of every base tensor that a diff will carry (trainable ones):
-    loading a diff later checks these hashes, so it is never applied to different weights.
-    Runs right after the rules, before any training can change the values."""
-    params = dict(model.named_parameters())
-    for name in surgery.ledger.trainable:
-        if name in surgery.base_hashes or name not in surgery.ledger.base:
-            continue
-        if name in surgery.ledger.resized or params[name].is_meta:
-            continue
-        surgery.base_hashes[name] = tensor_hash(params[name])

@@ -29,6 +29,7 @@ from .checkpoint import build_meta_model, inspect_checkpoint, read_json_in
 from .errors import CheckpointError, SurgeonError
 from .export import LORA_MARK, MetaDiff, open_meta_diff
 from .fsutil import atomic_dir, check_output
+from .peft_config import PeftLoraConfig, validate_peft_config
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -235,18 +236,19 @@ def _number(x: float):
 
 
 # ---- PEFT -> surgeon ---------------------------------------------------------------------
-def read_peft(peft_dir: str) -> tuple[dict, dict[str, torch.Tensor]]:
+def read_peft(peft_dir: str) -> tuple[PeftLoraConfig, dict[str, torch.Tensor]]:
     """The adapter config and tensors of a PEFT LoRA directory, validated."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = os.path.join(peft_dir, PEFT_CONFIG)
-    config = read_json_in(peft_dir, PEFT_CONFIG, "a PEFT adapter directory")
-    if config.get("peft_type") != "LORA":
-        raise SurgeonError(f"{path}: peft_type is {config.get('peft_type')!r}; only LORA adapters can be imported")
+    raw = read_json_in(peft_dir, PEFT_CONFIG, "a PEFT adapter directory")
+    config = validate_peft_config(raw, path)
+    if config.peft_type != "LORA":
+        raise SurgeonError(f"{path}: peft_type is {config.peft_type!r}; only LORA adapters can be imported")
     for key, allowed in _UNSUPPORTED.items():
-        if key in config and config[key] not in allowed:
-            raise SurgeonError(f"{path}: {key}: {config[key]!r} is not supported by surgeon's LoRA (only {allowed[0]!r})")
+        if key in raw and raw[key] not in allowed:
+            raise SurgeonError(f"{path}: {key}: {raw[key]!r} is not supported by surgeon's LoRA (only {allowed[0]!r})")
     weights = os.path.join(peft_dir, PEFT_WEIGHTS)
     if not os.path.isfile(weights):
         if os.path.isfile(os.path.join(peft_dir, "adapter_model.bin")):
@@ -277,14 +279,15 @@ def import_peft(
 ) -> dict:
     """Turn a PEFT LoRA adapter into a surgeon diff (recipe + diff.safetensors); return its manifest.
 
-    The base model is only built on the meta device: no base weight is read.
+    The base model is only built on the meta device; the base's files are read once, to hash them
+    for the diff's binding (`surgeon.binding`; cached).
     """
     from . import diff as diff_module
     from .engine import patch
 
     config, tensors = read_peft(peft_dir)
     if base_dir is None:
-        base_dir = config.get("base_model_name_or_path")
+        base_dir = config.base_model_name_or_path
         if not base_dir or not os.path.isfile(os.path.join(base_dir, "config.json")):
             raise SurgeonError(
                 f"{peft_dir}: base_model_name_or_path {base_dir!r} is not a local model directory; pass --base MODEL_DIR"
@@ -311,8 +314,8 @@ def import_peft(
     if not found:
         raise SurgeonError(f"{peft_dir}/{PEFT_WEIGHTS} holds no LoRA tensors")
 
-    rslora = bool(config.get("use_rslora", False))
-    dropout = float(config.get("lora_dropout") or 0.0)
+    rslora = config.use_rslora
+    dropout = config.lora_dropout or 0.0
     groups: dict[tuple, list[str]] = {}
     for path, pair in sorted(found.items()):
         if set(pair) != {"A", "B"}:
@@ -321,7 +324,7 @@ def import_peft(
         if kind is None:
             raise SurgeonError(f"{peft_dir}: {path} is a {type(modules[path]).__name__}; surgeon imports LoRA on Linear, Conv1D, Embedding")
         r = int(pair["A"].shape[0])
-        alpha = _pattern_value(config.get("alpha_pattern"), peft_paths[path], config.get("lora_alpha", 8))
+        alpha = _pattern_value(config.alpha_pattern, peft_paths[path], config.lora_alpha)
         groups.setdefault((r, _number(alpha)), []).append(path)
     rules = []
     for (r, alpha), paths in groups.items():

@@ -32,6 +32,7 @@ from .roles import ROLE_NAMES
 from .yamlfile import Path, format_path, line_of, load_yaml
 
 RECIPE_VERSION = 1
+MAX_RECIPE_BYTES = 2**20  # a recipe for every layer of a 70B model is a few kB; this bounds parse time
 # a bound is a layer index or a percentage of the stack ("0:75%": the first three quarters)
 _SLICE = re.compile(r"^\s*(-?\d+|\d+%)?\s*:\s*(-?\d+|\d+%)?\s*(?::\s*(-?\d+)?\s*)?$")
 _INDEX = re.compile(r"^\s*-?\d+\s*$")
@@ -215,7 +216,7 @@ def load_recipe(source: str | os.PathLike | dict | Recipe) -> Recipe:
         path = recipe_library.path_of(path)
     try:
         with open(path, encoding="utf-8") as handle:
-            text = handle.read()
+            text = handle.read(MAX_RECIPE_BYTES + 1)
     except FileNotFoundError:
         raise SurgeonError(f"{path}: recipe file not found{recipe_library.suggestion_for_missing_file(path)}") from None
     except IsADirectoryError:
@@ -224,6 +225,8 @@ def load_recipe(source: str | os.PathLike | dict | Recipe) -> Recipe:
         raise SurgeonError(f"{path}: recipe is not UTF-8 text ({exc.reason})") from None
     except OSError as exc:
         raise SurgeonError(f"{path}: cannot read recipe: {exc.strerror}") from None
+    if len(text) > MAX_RECIPE_BYTES:
+        raise SurgeonError(f"{path}: more than {MAX_RECIPE_BYTES} characters; a recipe is a short file")
     data, lines = load_yaml(text, path)
     return _validate(data, lines, path, text, os.path.dirname(os.path.abspath(path)))
 

@@ -4,6 +4,12 @@ PyYAML implements YAML 1.1: `1e-4` loads as a string, `no`/`on` as booleans, `01
 duplicate key silently keeps the last value. Recipes are read with the YAML 1.2 core schema
 instead (`true`/`false` only, decimal ints, floats with or without a dot) and duplicate keys are
 errors. Every key and list item's line is recorded so validation errors can point at it.
+
+A recipe is plain data, so what plain data never needs is refused with its line, before anything
+is built: anchors and aliases (PyYAML expands each alias without sharing, so a few hundred bytes
+of nested aliases take minutes and gigabytes, and an alias inside its own anchor recurses),
+explicit tags (`!!float abc`, `!!binary`, `!!python/...`), nesting deeper than MAX_DEPTH, and
+control characters (which YAML itself forbids).
 """
 
 from __future__ import annotations
@@ -18,8 +24,34 @@ from .errors import RecipeError
 Path = tuple  # a data path: ("rules", 0, "with", "r")
 
 
+MAX_DEPTH = 32  # a recipe's deepest value (rules[0].with.<list>) is 5 levels down
+
+
 class _CoreLoader(yaml.SafeLoader):
-    """SafeLoader with YAML 1.2 core-schema scalar resolution."""
+    """SafeLoader with YAML 1.2 core-schema scalar resolution; no anchors, aliases or tags."""
+
+    def __init__(self, text: str, source: str):
+        self.source = source
+        self.depth = 0
+        super().__init__(text)
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        mark = event.start_mark
+        where = f"{self.source}:{mark.line + 1}:{mark.column + 1}"
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise RecipeError([f"{where}: YAML anchors and aliases (&name, *name) are not allowed in a recipe; "
+                               "write the value out where it is used"])  # fmt: skip
+        if getattr(event, "tag", None) is not None:
+            raise RecipeError([f"{where}: YAML tags ({event.tag}) are not allowed in a recipe; "
+                               "write the plain value (quote it to make it a string)"])  # fmt: skip
+        self.depth += 1
+        try:
+            if self.depth > MAX_DEPTH:
+                raise RecipeError([f"{where}: nested deeper than {MAX_DEPTH} levels; a recipe needs at most a few"])
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
 
 
 _CoreLoader.yaml_implicit_resolvers = {}
@@ -64,16 +96,21 @@ _CoreLoader.add_constructor("tag:yaml.org,2002:float", _construct_float)
 
 def load_yaml(text: str, source: str) -> tuple[Any, dict[Path, int]]:
     """Parse `text`; return the data and a map from data path to 1-based line number."""
-    loader = _CoreLoader(text)
+    loader = None
     try:
+        loader = _CoreLoader(text, source)  # the reader refuses control characters right here
         node = loader.get_single_node()
+    except yaml.reader.ReaderError as exc:
+        line = text.count("\n", 0, exc.position) + 1
+        raise RecipeError([f"{source}:{line}: control character #x{exc.character:02x} is not allowed in YAML"]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
         problem = getattr(exc, "problem", None) or str(exc)
         raise RecipeError([f"{where}: malformed YAML: {problem}"]) from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     if node is None:
         return None, {}
     lines: dict[Path, int] = {(): node.start_mark.line + 1}
@@ -108,7 +145,11 @@ def _build(loader, node, path: Path, lines, problems, source) -> Any:
             lines[path + (index,)] = item.start_mark.line + 1
             items.append(_build(loader, item, path + (index,), lines, problems, source))
         return items
-    return loader.construct_object(node, deep=True)
+    try:
+        return loader.construct_object(node, deep=True)
+    except (ValueError, yaml.YAMLError) as exc:  # e.g. an integer of more digits than Python converts
+        problems.append(f"{source}:{node.start_mark.line + 1}: {format_path(path)}: {str(exc).splitlines()[0]}")
+        return None
 
 
 def format_path(path: Path) -> str:

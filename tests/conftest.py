@@ -108,6 +108,20 @@ def padding_mask(b, n, lengths):
     return mask
 
 
+@pytest.fixture(scope="session", autouse=True)
+def digest_cache(tmp_path_factory):
+    """Base digests are cached in a directory of this test session, never in the user's ~/.cache
+    (subprocesses inherit the variable)."""
+    previous = os.environ.get("SURGEON_CACHE")
+    directory = str(tmp_path_factory.mktemp("surgeon-cache"))
+    os.environ["SURGEON_CACHE"] = directory
+    yield directory
+    if previous is None:
+        os.environ.pop("SURGEON_CACHE", None)
+    else:
+        os.environ["SURGEON_CACHE"] = previous
+
+
 @pytest.fixture
 def tiny_model_dir(tmp_path):
     """Factory: save a tiny model of `family` to a fresh directory; returns the path."""

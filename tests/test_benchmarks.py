@@ -84,3 +84,13 @@ def test_fidelity_capacity_benchmark_runs_end_to_end(tmp_path):
     assert [row["trained"] for row in result["rows"]] == ["LoRA r=8 on q, k, v", "every weight"]
     for row in result["rows"]:
         assert 0 < row["before"] < 1 and row["curve"][-1]["step"] == 2 and row["trainable_params"] > 0
+
+
+def test_base_digest_benchmark_runs_end_to_end(tmp_path):
+    out = tmp_path / "digest.json"
+    run("base_digest.py", "--size-mb", "8", "--shard", "2MB", "--repeat", "1", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert result["shards"] > 1 and result["bytes"] > 4 * 2**20
+    rows = result["rows"]
+    assert {"sha256, 1 thread", "blake2b, 1 thread", "base_digests, cached", "surgeon.load, trust_base"} <= set(rows)
+    assert all(row["min_s"] > 0 for row in rows.values())

@@ -208,5 +208,6 @@ def test_manifest_recipe_entries_stay_in_the_diff_dir(sharded, tmp_path):
     for entry in (str(outside), "../other.yaml", 7):
         manifest["recipes"] = [entry]
         _write_json(manifest_path, manifest)
-        with pytest.raises(CheckpointError, match="recipes: .* is not a file name in"):
+        # a name is checked where it is resolved; a non-string already by the manifest's schema
+        with pytest.raises(CheckpointError, match=r"recipes(: .* is not a file name in|\[0\]: Input should be a valid string)"):
             surgeon.load(base, diff)

@@ -167,6 +167,7 @@ def train(
     progress: bool = True,
     callback=None,
     allow_pickle: bool = False,
+    trust_base: bool = False,
     time_limit: float | None = None,
     mixed_precision: str = "no",
     layerwise: bool = False,
@@ -184,6 +185,8 @@ def train(
     with AVX512-BF16 or AMX this makes a step about 1.5× faster.
     layerwise (distill): feed each patched attention module the teacher's input and match its
     output there — layers calibrate independently; final/attn_weight do not apply.
+    trust_base: load the diff onto a base whose content differs from the one it was made on
+    (`surgeon.load`); the trained diff is then bound to this base.
     """
     from accelerate import Accelerator, PartialState
     from accelerate.utils import DistributedDataParallelKwargs
@@ -224,7 +227,8 @@ def train(
             "pass --resume to continue it, or delete it to start over"
         )
 
-    model = load(base_dir, diff_dir, allow_pickle=allow_pickle)  # refuses a diff from another base
+    # refuses a diff from another base (trust_base: checks only the base's tensor listing, warns)
+    model = load(base_dir, diff_dir, allow_pickle=allow_pickle, trust_base=trust_base)
     if getattr(model.config, "is_encoder_decoder", False):
         raise SurgeonError(f"train: {type(model).__name__} is encoder-decoder; train supports encoder-only and decoder-only models")
     limit = _max_positions(model.config)
