@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from . import registry
 from .errors import RecipeError, SurgeonError
-from .yamlfile import Path, format_path, line_of, load_yaml
+from .yamlfile import Path, format_path, line_of, load_yaml, validation_problems
 
 RECIPE_VERSION = 1
 _SLICE = re.compile(r"^\s*(-?\d+)?\s*:\s*(-?\d+)?\s*(?::\s*(-?\d+)?\s*)?$")
@@ -233,7 +233,7 @@ def _validate(data: Any, lines: dict[Path, int], source: str, text, directory) -
     try:
         model = RecipeModel.model_validate(data)
     except pydantic.ValidationError as exc:
-        problems += _format_errors(exc, (), data, where, _fields_at)
+        problems += validation_problems(exc, (), data, where, _fields_at)
         model = None
     rules: list[RuleSpec] = []
     raw_rules = data.get("rules") if isinstance(data.get("rules"), list) else []
@@ -264,7 +264,7 @@ def _validate_rule(index: int, raw: dict, where, problems: list[str], line: int 
     try:
         params = info.action_class.Params.model_validate(with_data)
     except pydantic.ValidationError as exc:
-        problems += _format_errors(
+        problems += validation_problems(
             exc, loc + ("with",), with_data, where, lambda p: _param_fields(info.action_class)
         )
         return None
@@ -288,56 +288,3 @@ def _fields_at(path: Path) -> list[str]:
     if len(path) == 3 and path[0] == "rules" and path[2] == "select":
         return list(Selector.model_fields)
     return []
-
-
-def _data_prefix(loc: tuple, data: Any) -> Path:
-    """The part of a pydantic error location that exists in the data (drops union tags)."""
-    out: list = []
-    node = data
-    for part in loc:
-        if isinstance(node, dict) and part in node:
-            node = node[part]
-        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
-            node = node[part]
-        elif part == "with_" and isinstance(node, dict) and "with" in node:
-            part, node = "with", node["with"]
-        else:
-            break
-        out.append(part)
-    return tuple(out)
-
-
-def _format_errors(exc: pydantic.ValidationError, prefix: Path, data: Any, where, fields_at) -> list[str]:
-    problems, seen = [], set()
-    for error in exc.errors():
-        loc = tuple(error["loc"])
-        inside = _data_prefix(loc, data)
-        full = prefix + inside
-        if error["type"] == "extra_forbidden":
-            key = loc[-1]
-            known = fields_at(full[:-1] if full and full[-1] == key else full)
-            close = difflib.get_close_matches(str(key), known, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            message = f"unknown key '{key}'{hint}" + (f"; known keys: {', '.join(known)}" if known else "")
-        elif error["type"] == "missing":
-            full = full + (loc[-1],) if loc and loc[-1] not in inside else full
-            message = "required key is missing"
-        else:
-            message = _message(error)
-        text = f"{where(full)}: {format_path(full)}: {message}"
-        if full in seen and error["type"] not in ("extra_forbidden", "missing"):
-            continue  # one line per field: unions report each member otherwise
-        seen.add(full)
-        problems.append(text)
-    return problems
-
-
-def _message(error: dict) -> str:
-    msg = error["msg"].removeprefix("Value error, ")
-    if error["type"] in ("string_type", "int_type", "float_type", "bool_type", "list_type", "dict_type"):
-        got = error.get("input")
-        if isinstance(got, str) and error["type"] in ("int_type", "float_type"):
-            msg += f" (got the string '{got}'; write numbers unquoted)"
-        else:
-            msg += f" (got {type(got).__name__} {got!r})"
-    return msg

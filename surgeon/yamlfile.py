@@ -8,9 +8,11 @@ errors. Every key and list item's line is recorded so validation errors can poin
 
 from __future__ import annotations
 
+import difflib
 import re
 from typing import Any
 
+import pydantic
 import yaml
 
 from .errors import RecipeError
@@ -128,3 +130,68 @@ def line_of(lines: dict[Path, int], path: Path) -> int | None:
         if path[:end] in lines:
             return lines[path[:end]]
     return None
+
+
+def _data_prefix(loc: tuple, data: Any) -> Path:
+    """The part of a pydantic error location that exists in the data (drops union tags)."""
+    out: list = []
+    node = data
+    for part in loc:
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            node = node[part]
+        elif part == "with_" and isinstance(node, dict) and "with" in node:
+            part, node = "with", node["with"]
+        else:
+            break
+        out.append(part)
+    return tuple(out)
+
+
+# errors whose message does not say what was given
+_SHOW_INPUT = ("literal_error", "greater_than", "greater_than_equal", "less_than", "less_than_equal",
+               "finite_number", "too_short", "too_long")  # fmt: skip
+
+
+def validation_problems(exc: pydantic.ValidationError, prefix: Path, data: Any, where, fields_at) -> list[str]:
+    """One located line per pydantic error: `where(path): field.path: message`.
+
+    `data` is what was validated (found at `prefix` in the file), `where(path)` names the place a
+    data path came from (e.g. `file.yaml:12`), `fields_at(path)` lists the keys known at a path
+    (for "did you mean" on unknown keys)."""
+    problems, seen = [], set()
+    for error in exc.errors():
+        loc = tuple(error["loc"])
+        inside = _data_prefix(loc, data)
+        full = prefix + inside
+        if error["type"] == "extra_forbidden":
+            key = loc[-1]
+            known = fields_at(full[:-1] if full and full[-1] == key else full)
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            message = f"unknown key '{key}'{hint}" + (f"; known keys: {', '.join(known)}" if known else "")
+        elif error["type"] == "missing":
+            full = full + (loc[-1],) if loc and loc[-1] not in inside else full
+            message = "required key is missing"
+        else:
+            message = _message(error)
+        text = f"{where(full)}: {format_path(full)}: {message}"
+        if full in seen and error["type"] not in ("extra_forbidden", "missing"):
+            continue  # one line per field: unions report each member otherwise
+        seen.add(full)
+        problems.append(text)
+    return problems
+
+
+def _message(error: dict) -> str:
+    msg = error["msg"].removeprefix("Value error, ")
+    if error["type"] in ("string_type", "int_type", "float_type", "bool_type", "list_type", "dict_type"):
+        got = error.get("input")
+        if isinstance(got, str) and error["type"] in ("int_type", "float_type"):
+            msg += f" (got the string '{got}'; write numbers unquoted)"
+        else:
+            msg += f" (got {type(got).__name__} {got!r})"
+    elif error["type"] in _SHOW_INPUT and "input" in error:
+        msg += f" (got {error['input']!r})"
+    return msg
