@@ -19,9 +19,10 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import SurgeonError
+from .config import DEFAULT_MAX_DATA_MB
 
 MiB = 1 << 20
-DEFAULT_MAX_BYTES = 256 * MiB  # TrainConfig.max_data_mb's default
+DEFAULT_MAX_BYTES = int(DEFAULT_MAX_DATA_MB * MiB)
 
 
 def load_tokenizer(base_dir: str):

@@ -102,7 +102,7 @@ class ClmObjective(nn.Module):
         return {"input_ids": ids}
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.net(input_ids=input_ids, labels=input_ids).loss
+        return self.net(input_ids=input_ids, labels=input_ids, use_cache=False).loss  # no cache in training
 
 
 class MlmObjective(nn.Module):
@@ -293,8 +293,8 @@ def choose_objective(model: nn.Module) -> tuple[str, str]:
     if has_attention_variant(model):
         return "distill", "some attention is replaced by an efficient variant: calibrate it to the dense base"
     if is_causal_model(model):
-        return "clm", "the diff replaces no attention (distill would compare the model with itself); the model is causal"
-    return "mlm", "the diff replaces no attention (distill would compare the model with itself); the model is bidirectional"
+        return "clm", "the diff replaces no attention, so distill would compare the model with itself; the model is causal"
+    return "mlm", "the diff replaces no attention, so distill would compare the model with itself; the model is bidirectional"
 
 
 def build_objective(objective: str, model, tokenizer, base_dir: str, *, final: str, final_weight: float,

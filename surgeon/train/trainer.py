@@ -110,7 +110,13 @@ def check_paths(config: TrainConfig, base_dir: str) -> list[str]:
     inputs = [config.diff_dir, base_dir, *config.data] + ([config.source] if config.source else [])
     check_output(config.out_dir, inputs, overwrite=config.overwrite)
     root = config.checkpoint_root()
-    check_output(root, [config.out_dir], overwrite=True)  # either inside the other: --force would delete it
+    try:
+        check_output(root, [config.out_dir], overwrite=True)
+    except SurgeonError:
+        raise SurgeonError(
+            f"train: the checkpoint directory {root} and the output {config.out_dir} lie inside one another "
+            "(replacing the output would delete the checkpoints, or the reverse); choose another --checkpoint-dir"
+        ) from None
     CheckpointDir(root).check_usable(inputs)
     return inputs
 
@@ -315,7 +321,7 @@ class Trainer:
                 )
             raise SurgeonError(
                 f"train: the loss became {value} at step {step + 1}: the run diverged (lr {c.lr:g}); "
-                "nothing was saved past the last checkpoint; lower --lr or keep --max-grad-norm on"
+                "nothing was saved past the last checkpoint; lower --lr (or lengthen --warmup)"
             )
         if step != self.start:
             return
@@ -413,7 +419,8 @@ class Trainer:
     def _refuse_non_finite(self, step: int) -> None:
         # every rank checks (their tensors are equal under DDP), so all stop together
         params = dict(self.accelerator.unwrap_model(self.task).named_parameters())
-        bad = non_finite({n: params[n].detach() for n in self.names})
+        # named as in the patched model (the objective holds it as `student`)
+        bad = non_finite({n.removeprefix("student."): params[n].detach() for n in self.names})
         if bad:
             last = self._last_checkpoint()
             kept = f"the last checkpoint (step {last[0]}) is intact" if last else "nothing was written"
