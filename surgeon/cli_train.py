@@ -83,15 +83,26 @@ def _params() -> list[click.Parameter]:
     params: list[click.Parameter] = [
         click.Argument([_ARGUMENT], required=False, type=click.Path(file_okay=False))
     ]
-    params.append(click.Option(["--config", "config_file"], type=click.Path(dir_okay=False), metavar="FILE",
-                               help="A training config (YAML, keys = the long option names with _: "
-                                    "seq_len: 256). Options given here override its values; --data "
-                                    "replaces its list. Relative paths in it are relative to the file."))  # fmt: skip
+    params.append(
+        click.Option(
+            ["--config", "config_file"],
+            type=click.Path(dir_okay=False),
+            metavar="FILE",
+            help="A training config (YAML, keys = the long option names with _: "
+            "seq_len: 256). Options given here override its values; --data "
+            "replaces its list. Relative paths in it are relative to the file.",
+        )
+    )
     for name, info in TrainConfig.model_fields.items():
         if name != _ARGUMENT:
             params.append(_option(name, info))
-    params.append(click.Option(["--print-config"], is_flag=True,
-                               help="Print the resolved config as YAML (a --config template) and exit."))  # fmt: skip
+    params.append(
+        click.Option(
+            ["--print-config"],
+            is_flag=True,
+            help="Print the resolved config as YAML (a --config template) and exit.",
+        )
+    )
     return params
 
 

@@ -27,7 +27,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from . import registry
 from .errors import RecipeError, SurgeonError
-from .yamlfile import Path, format_path, line_of, load_yaml, validation_problems
+from .yamlfile import (
+    Path,
+    format_path,
+    line_of,
+    load_yaml,
+    read_yaml_text,
+    validation_problems,
+)
 
 RECIPE_VERSION = 1
 _SLICE = re.compile(r"^\s*(-?\d+)?\s*:\s*(-?\d+)?\s*(?::\s*(-?\d+)?\s*)?$")
@@ -209,15 +216,7 @@ def load_recipe(source: str | os.PathLike | dict | Recipe) -> Recipe:
     if isinstance(source, dict):
         return _validate(source, {}, "<dict>", None, None)
     path = os.fspath(source)
-    try:
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read()
-    except FileNotFoundError:
-        raise SurgeonError(f"{path}: recipe file not found") from None
-    except UnicodeDecodeError as exc:
-        raise SurgeonError(f"{path}: recipe is not UTF-8 text ({exc.reason})") from None
-    except OSError as exc:
-        raise SurgeonError(f"{path}: cannot read recipe: {exc.strerror}") from None
+    text = read_yaml_text(path, "recipe")
     data, lines = load_yaml(text, path)
     return _validate(data, lines, path, text, os.path.dirname(os.path.abspath(path)))
 

@@ -15,7 +15,7 @@ from typing import Any
 import pydantic
 import yaml
 
-from .errors import RecipeError
+from .errors import RecipeError, SurgeonError
 
 Path = tuple  # a data path: ("rules", 0, "with", "r")
 
@@ -62,6 +62,25 @@ def _construct_float(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> float:
 
 
 _CoreLoader.add_constructor("tag:yaml.org,2002:float", _construct_float)
+
+
+def read_yaml_text(path: str, noun: str, limit: int | None = None) -> str:
+    """The text of a YAML file a user named; missing, unreadable, non-UTF-8 or (with `limit`)
+    oversized files are one-line errors naming the file and what it was meant to be."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read() if limit is None else handle.read(limit)
+            if limit is not None and handle.read(1):
+                raise SurgeonError(f"{path}: a {noun} over {limit // 1024} KiB is not a {noun}")
+    except FileNotFoundError:
+        raise SurgeonError(f"{path}: {noun} file not found") from None
+    except UnicodeDecodeError as exc:
+        raise SurgeonError(f"{path}: {noun} is not UTF-8 text ({exc.reason})") from None
+    except IsADirectoryError:
+        raise SurgeonError(f"{path}: the {noun} is a directory, not a file") from None
+    except OSError as exc:
+        raise SurgeonError(f"{path}: cannot read {noun}: {exc.strerror}") from None
+    return text
 
 
 def load_yaml(text: str, source: str) -> tuple[Any, dict[Path, int]]:
@@ -154,7 +173,9 @@ _SHOW_INPUT = ("literal_error", "greater_than", "greater_than_equal", "less_than
                "finite_number", "too_short", "too_long")  # fmt: skip
 
 
-def validation_problems(exc: pydantic.ValidationError, prefix: Path, data: Any, where, fields_at) -> list[str]:
+def validation_problems(
+    exc: pydantic.ValidationError, prefix: Path, data: Any, where, fields_at
+) -> list[str]:
     """One located line per pydantic error: `where(path): field.path: message`.
 
     `data` is what was validated (found at `prefix` in the file), `where(path)` names the place a

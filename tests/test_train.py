@@ -26,16 +26,8 @@ import surgeon
 from surgeon.cli import cli
 from surgeon.errors import SurgeonError
 from surgeon.train import TrainingInterrupted, train_diff
+from trainkit import one_thread  # noqa: F401  (autouse: tiny models run faster on one thread)
 from trainkit import BITFIT_ATTN, FAST, TEXT, data_file, make_base, make_diff
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run many times faster on one thread on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _params(model) -> dict[str, torch.Tensor]:

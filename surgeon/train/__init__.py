@@ -10,8 +10,11 @@ so the CLI can build its options from the config without loading torch.
 from .config import TrainConfig, load_train_config
 
 _LAZY = {
-    "Trainer": "trainer", "TrainResult": "trainer", "train_diff": "trainer", "TrainingInterrupted": "stopping",
-}  # fmt: skip
+    "Trainer": "trainer",
+    "TrainResult": "trainer",
+    "train_diff": "trainer",
+    "TrainingInterrupted": "stopping",
+}
 
 
 def __getattr__(name):

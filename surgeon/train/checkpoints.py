@@ -102,8 +102,16 @@ class CheckpointDir:
     def path(self, step: int) -> str:
         return os.path.join(self.root, f"step-{step:08d}")
 
-    def write(self, step: int, tensors: dict[str, torch.Tensor], optimizer_state: dict, scheduler_state: dict,
-              state: dict, write_diff, inputs: list[str]) -> str:  # fmt: skip
+    def write(
+        self,
+        step: int,
+        tensors: dict[str, torch.Tensor],
+        optimizer_state: dict,
+        scheduler_state: dict,
+        state: dict,
+        write_diff,
+        inputs: list[str],
+    ) -> str:
         """Write step `step` atomically (`write_diff(dir)` saves the diff), then prune older steps."""
         from safetensors.torch import save_file
 
@@ -159,7 +167,8 @@ class CheckpointDir:
                 shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
         strangers = self.foreign()
         if strangers:
-            return f"left {self.root} in place: it holds files surgeon did not write ({', '.join(strangers[:3])})"
+            shown = ", ".join(strangers[:3])
+            return f"left {self.root} in place: it holds files surgeon did not write ({shown})"
         try:
             os.rmdir(self.root)
         except OSError as exc:

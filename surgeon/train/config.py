@@ -18,8 +18,8 @@ from typing import Any, Literal
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
-from ..errors import RecipeError, SurgeonError
-from ..yamlfile import line_of, load_yaml, validation_problems
+from ..errors import RecipeError
+from ..yamlfile import line_of, load_yaml, read_yaml_text, validation_problems
 
 OBJECTIVES = ("distill", "mlm", "clm")
 FINALS = ("hidden", "pooled", "logits", "none")
@@ -29,13 +29,15 @@ DEFAULT_MAX_DATA_MB = 32.0
 SEED_LIMIT = 2**32 - 1  # torch.Generator seeds are 64-bit; the batch order multiplies the seed by ~2^20
 
 
-def _field(default: Any = ..., description: str = "", *, resume: str = "free", flags: tuple[str, ...] = (),
-           **bounds) -> Any:  # fmt: skip
+def _field(
+    default: Any = ..., description: str = "", *, resume: str = "free", flags: tuple[str, ...] = (), **bounds
+) -> Any:
     """A config field. resume: "same" = a resumed run must use the value the checkpoint was
     written with (it changes the path of the run); "free" = may change between runs.
     flags: the CLI spelling when it is not `--field-name`."""
-    return Field(default, description=description, json_schema_extra={"resume": resume, "flags": list(flags)},
-                 **bounds)  # fmt: skip
+    return Field(
+        default, description=description, json_schema_extra={"resume": resume, "flags": list(flags)}, **bounds
+    )
 
 
 class TrainConfig(BaseModel):
@@ -58,7 +60,8 @@ class TrainConfig(BaseModel):
     )
     base_dir: str | None = _field(
         None,
-        "The base checkpoint; default: the one in the diff's manifest (a diff made on another base is refused).",
+        "The base checkpoint; default: the one in the diff's manifest (a diff made on another base is "
+        "refused).",
         flags=("--base",),
     )
     # ---- the objective --------------------------------------------------------------------
@@ -71,87 +74,127 @@ class TrainConfig(BaseModel):
     )
     final: Literal["hidden", "pooled", "logits", "none"] = _field(
         "hidden",
-        "distill: the final-output term — relative MSE of the last hidden states (hidden), 1 - cosine of their "
-        "mean pool (pooled: right for sentence-embedding models), KL of the logits (logits, needs an LM head), "
+        "distill: the final-output term — relative MSE of the last hidden states (hidden), 1 - cosine of "
+        "their mean pool (pooled: right for sentence-embedding models), KL of the logits (logits, needs an "
+        "LM head), "
         "or none (attention terms only).",
         resume="same",
     )
     final_weight: float = _field(1.0, "distill: weight of the final-output term.", resume="same", ge=0)
     attn_weight: float = _field(
-        1.0, "distill: weight of the per-layer attention-output terms; 0 matches the final output only "
-        "(fewer constraints, but the layers may drift apart).", resume="same", ge=0,
-    )  # fmt: skip
+        1.0,
+        "distill: weight of the per-layer attention-output terms; 0 matches the final output only "
+        "(fewer constraints, but the layers may drift apart).",
+        resume="same",
+        ge=0,
+    )
     layerwise: bool = _field(
-        False, "distill: feed each patched attention module the teacher's input and match its output there; "
-        "layers calibrate independently (a good first stage; final/attn_weight then do not apply).", resume="same",
-    )  # fmt: skip
+        False,
+        "distill: feed each patched attention module the teacher's input and match its output there; "
+        "layers calibrate independently (a good first stage; final/attn_weight then do not apply).",
+        resume="same",
+    )
     # ---- the optimisation -----------------------------------------------------------------
     steps: int = _field(
-        100, "Optimizer steps in total. May grow on --resume (the cosine schedule stretches to the new end).", ge=1,
-    )  # fmt: skip
+        100,
+        "Optimizer steps in total. May grow on --resume (the cosine schedule stretches to the new end).",
+        ge=1,
+    )
     seq_len: int = _field(
-        128, "Tokens per packed sequence. Longer sequences exercise long-range attention but cost "
-        "memory and time (dense attention grows with its square).", resume="same", ge=2,
-    )  # fmt: skip
-    batch_size: int = _field(
-        8, "Sequences per step, per process (the global batch is batch_size x processes). Larger batches give "
-        "smoother gradients at proportionally more memory.", resume="same", ge=1,
-    )  # fmt: skip
-    lr: float = _field(
-        1e-3, "Peak AdamW learning rate (linear warm-up, cosine decay to 10 %). LoRA and BitFit tolerate "
-        "1e-3..1e-2; full finetuning wants ~1e-5..1e-4.", resume="same", gt=0,
-    )  # fmt: skip
-    warmup: int | None = _field(
-        None, "Warm-up steps; default: steps/10, at most 100. Longer warm-up is safer for large lr.",
-        resume="same", ge=0,
-    )  # fmt: skip
-    weight_decay: float = _field(
-        0.0, "AdamW decoupled weight decay (Loshchilov & Hutter 2019). Pulls trained tensors towards 0 — "
-        "for LoRA that is towards the base model; 0 leaves them free.", resume="same", ge=0,
-    )  # fmt: skip
-    max_grad_norm: float | None = _field(
-        1.0, "Clip the global gradient norm to this (0 or null: no clipping). Guards against a bad batch; "
-        "a clipped step is smaller than lr says.", resume="same", ge=0,
-    )  # fmt: skip
-    seed: int = _field(
-        0, "Seeds batch order, masking, dropout and a scaffold head's init: the whole run is a function of it.",
-        resume="same", ge=0, le=SEED_LIMIT,
-    )  # fmt: skip
-    dropout: bool | None = _field(
-        None, "Dropout during training; default: on for mlm/clm (regularises), off for distill (the teacher's "
-        "targets are eval-mode outputs, so the student should match them in eval mode).", resume="same",
-    )  # fmt: skip
-    mixed_precision: Literal["auto", "no", "bf16"] = _field(
-        "auto", "bf16: forward passes (student and teacher) under bf16 autocast; weights, gradients and "
-        "optimizer stay fp32. About 1.5x faster where the device computes bf16 natively (AVX512-BF16/AMX CPUs, "
-        "recent GPUs) but ~5x SLOWER where it is emulated (AVX2 CPUs). auto: bf16 only where native; no: fp32.",
+        128,
+        "Tokens per packed sequence. Longer sequences exercise long-range attention but cost "
+        "memory and time (dense attention grows with its square).",
         resume="same",
-    )  # fmt: skip
+        ge=2,
+    )
+    batch_size: int = _field(
+        8,
+        "Sequences per step, per process (the global batch is batch_size x processes). Larger batches give "
+        "smoother gradients at proportionally more memory.",
+        resume="same",
+        ge=1,
+    )
+    lr: float = _field(
+        1e-3,
+        "Peak AdamW learning rate (linear warm-up, cosine decay to 10 %). LoRA and BitFit tolerate "
+        "1e-3..1e-2; full finetuning wants ~1e-5..1e-4.",
+        resume="same",
+        gt=0,
+    )
+    warmup: int | None = _field(
+        None,
+        "Warm-up steps; default: steps/10, at most 100. Longer warm-up is safer for large lr.",
+        resume="same",
+        ge=0,
+    )
+    weight_decay: float = _field(
+        0.0,
+        "AdamW decoupled weight decay (Loshchilov & Hutter 2019). Pulls trained tensors towards 0 — "
+        "for LoRA that is towards the base model; 0 leaves them free.",
+        resume="same",
+        ge=0,
+    )
+    max_grad_norm: float | None = _field(
+        1.0,
+        "Clip the global gradient norm to this (0 or null: no clipping). Guards against a bad batch; "
+        "a clipped step is smaller than lr says.",
+        resume="same",
+        ge=0,
+    )
+    seed: int = _field(
+        0,
+        "Seeds batch order, masking, dropout and a scaffold head's init: the whole run is a function of it.",
+        resume="same",
+        ge=0,
+        le=SEED_LIMIT,
+    )
+    dropout: bool | None = _field(
+        None,
+        "Dropout during training; default: on for mlm/clm (regularises), off for distill (the teacher's "
+        "targets are eval-mode outputs, so the student should match them in eval mode).",
+        resume="same",
+    )
+    mixed_precision: Literal["auto", "no", "bf16"] = _field(
+        "auto",
+        "bf16: forward passes (student and teacher) under bf16 autocast; weights, gradients and "
+        "optimizer stay fp32. About 1.5x faster where the device computes bf16 natively (AVX512-BF16/AMX "
+        "CPUs, recent GPUs) but ~5x SLOWER where it is emulated (AVX2 CPUs). auto: bf16 only where native; "
+        "no: fp32.",
+        resume="same",
+    )
     gradient_checkpointing: bool = _field(
-        False, "Recompute each layer's activations in the backward pass instead of keeping them "
+        False,
+        "Recompute each layer's activations in the backward pass instead of keeping them "
         "(transformers' activation checkpointing): activation memory drops from all layers to ~one, "
         "a step costs ~one more forward (~30 % slower). Gradients are unchanged.",
-    )  # fmt: skip
+    )
     strategy: Literal["ddp"] = _field(
-        "ddp", "How several processes share the work: ddp copies the whole model into every process and "
-        "averages gradients (one process: plain training). It is the only strategy so far.", resume="same",
-    )  # fmt: skip
+        "ddp",
+        "How several processes share the work: ddp copies the whole model into every process and "
+        "averages gradients (one process: plain training). It is the only strategy so far.",
+        resume="same",
+    )
     # ---- checkpoints, stopping, limits ------------------------------------------------------
     save_every: int | None = _field(
-        None, "Write a resumable checkpoint every K steps to checkpoint_dir (only the newest is kept). "
-        "Costs a write of the trained tensors, optimizer state and a diff each time.", ge=1,
-    )  # fmt: skip
+        None,
+        "Write a resumable checkpoint every K steps to checkpoint_dir (only the newest is kept). "
+        "Costs a write of the trained tensors, optimizer state and a diff each time.",
+        ge=1,
+    )
     resume: bool = _field(
         False, "Continue from the newest checkpoint (bit-exactly: same result as an uninterrupted run)."
     )
     checkpoint_dir: str | None = _field(
-        None, "Where checkpoints go; default: OUT.checkpoints beside out_dir. Removed when the run succeeds "
+        None,
+        "Where checkpoints go; default: OUT.checkpoints beside out_dir. Removed when the run succeeds "
         "(only if it holds nothing but surgeon's step checkpoints).",
-    )  # fmt: skip
+    )
     time_limit: float | None = _field(
-        None, "Stop at the first step boundary after this many seconds of training and write the diff; "
-        "the learning-rate decay then follows the clock, so such a run is not bit-reproducible.", ge=0,
-    )  # fmt: skip
+        None,
+        "Stop at the first step boundary after this many seconds of training and write the diff; "
+        "the learning-rate decay then follows the clock, so such a run is not bit-reproducible.",
+        ge=0,
+    )
     max_data_mb: float = _field(
         DEFAULT_MAX_DATA_MB,
         "Refuse more than this many MiB of text in total (a bounded read: /dev/zero or a huge file fails "
@@ -159,6 +202,7 @@ class TrainConfig(BaseModel):
         "while it runs (16 MiB in one file: 3.2 GB, 110 s with MiniLM's tokenizer); the tokens kept cost "
         "~2.5 bytes per byte. Raise it with memory to match, or split big corpora into several files.",
         gt=0,
+        le=1 << 20,  # 1 TiB
     )
     # ---- how the run behaves, not what it computes ----------------------------------------------
     overwrite: bool = _field(False, "Replace out_dir if it exists (atomically).", flags=("--force",))
@@ -293,17 +337,7 @@ def load_train_config(
     if path is None:
         return make_config(overrides, where=lambda name: "train")
     path = os.fspath(path)
-    try:
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read(1 << 20)
-            if handle.read(1):
-                raise SurgeonError(f"{path}: a training config over 1 MiB is not a config")
-    except FileNotFoundError:
-        raise SurgeonError(f"{path}: training config not found") from None
-    except UnicodeDecodeError as exc:
-        raise SurgeonError(f"{path}: training config is not UTF-8 text ({exc.reason})") from None
-    except OSError as exc:
-        raise SurgeonError(f"{path}: cannot read training config: {exc.strerror}") from None
+    text = read_yaml_text(path, "training config", limit=1 << 20)
     data, lines = load_yaml(text, path)
     if data is None:
         data = {}
@@ -367,5 +401,13 @@ def to_yaml(config: TrainConfig) -> str:
     return "\n".join(parts)
 
 
-__all__ = ["FINALS", "OBJECTIVES", "TrainConfig", "field_flags", "load_train_config", "make_config",
-           "resume_fields", "to_yaml"]  # fmt: skip
+__all__ = [
+    "FINALS",
+    "OBJECTIVES",
+    "TrainConfig",
+    "field_flags",
+    "load_train_config",
+    "make_config",
+    "resume_fields",
+    "to_yaml",
+]

@@ -52,8 +52,10 @@ def _describe(size: int) -> str:
 def _read_bounded(path: str, allowed: int, limit: int) -> bytes:
     """At most `allowed` bytes of `path`, refusing more: a regular file by its size, anything else
     (a pipe, /dev/zero) by reading one byte past the allowance."""
-    too_much = (f"the data exceed the limit of {_describe(limit)} of text per run (max_data_mb; all of it is "
-                "tokenized and held in memory); raise --max-data-mb if the machine has the memory, or train on less")  # fmt: skip
+    too_much = (
+        f"the data exceed the limit of {_describe(limit)} of text per run (max_data_mb; all of it is "
+        "tokenized and held in memory); raise --max-data-mb if the machine has the memory, or train on less"
+    )
     try:
         with open(path, "rb") as handle:
             info = os.fstat(handle.fileno())

@@ -98,8 +98,10 @@ def resolve_precision(requested: str, device_type: str) -> tuple[str, str | None
             if device_type == "cpu"
             else f"{device_type} has no native bf16"
         )
-        return "bf16", (f"train: --mixed-precision bf16: {where}, so autocast emulates it (~5x slower than fp32 "
-                        "on AVX2 CPUs); --mixed-precision auto picks fp32 here")  # fmt: skip
+        return "bf16", (
+            f"train: --mixed-precision bf16: {where}, so autocast emulates it (~5x slower than fp32 "
+            "on AVX2 CPUs); --mixed-precision auto picks fp32 here"
+        )
     return requested, None
 
 
@@ -115,7 +117,8 @@ def check_paths(config: TrainConfig, base_dir: str) -> list[str]:
     except SurgeonError:
         raise SurgeonError(
             f"train: the checkpoint directory {root} and the output {config.out_dir} lie inside one another "
-            "(replacing the output would delete the checkpoints, or the reverse); choose another --checkpoint-dir"
+            "(replacing the output would delete the checkpoints, or the reverse); choose another "
+            "--checkpoint-dir"
         ) from None
     CheckpointDir(root).check_usable(inputs)
     return inputs
@@ -149,7 +152,8 @@ class Trainer:
             )
         if not c.resume and existing:
             raise SurgeonError(
-                f"train: {self.checkpoints.root} holds checkpoints of an earlier run (last: step {existing[-1][0]}); "
+                f"train: {self.checkpoints.root} holds checkpoints of an earlier run "
+                f"(last: step {existing[-1][0]}); "
                 "pass --resume to continue it, or delete it to start over"
             )
 
@@ -158,7 +162,8 @@ class Trainer:
         )  # refuses a diff from another base
         if getattr(model.config, "is_encoder_decoder", False):
             raise SurgeonError(
-                f"train: {type(model).__name__} is encoder-decoder; train supports encoder-only and decoder-only models"
+                f"train: {type(model).__name__} is encoder-decoder; train supports encoder-only and "
+                "decoder-only models"
             )
         self._check_positions(model)
         tokenizer = load_tokenizer(self.base_dir)
@@ -168,10 +173,24 @@ class Trainer:
         if warning and self.main:
             warnings.warn(warning, UserWarning, stacklevel=1)
         sequences = pack(tokenizer, documents, c.seq_len)
+        if c.batch_size * self.world > len(sequences):
+            raise SurgeonError(
+                f"train: the data make {len(sequences)} sequences of seq-len {c.seq_len}, fewer than one "
+                f"step takes (batch-size {c.batch_size} x {self.world} processes); add data or lower "
+                "--batch-size or --seq-len"
+            )
         torch.manual_seed(c.seed)  # a scaffold head's random init is part of the run's identity
-        self.task = build_objective(self.objective, model, tokenizer, self.base_dir, final=c.final,
-                                    final_weight=c.final_weight, attn_weight=c.attn_weight, layerwise=c.layerwise,
-                                    allow_pickle=c.allow_pickle)  # fmt: skip
+        self.task = build_objective(
+            self.objective,
+            model,
+            tokenizer,
+            self.base_dir,
+            final=c.final,
+            final_weight=c.final_weight,
+            attn_weight=c.attn_weight,
+            layerwise=c.layerwise,
+            allow_pickle=c.allow_pickle,
+        )
         self.model = model
         self.names = [n for n, p in self.task.named_parameters() if p.requires_grad]
         self.params = [p for _, p in self.task.named_parameters() if p.requires_grad]
@@ -195,8 +214,11 @@ class Trainer:
             self.optimizer, _schedule(c.steps, c.warmup_steps(), clock)
         )
         self.batches = StepBatches(sequences, c.batch_size, world=self.world, rank=self.rank, seed=c.seed)
-        self.identity = {**c.resume_identity(self.objective, self.precision), "world": self.world,
-                         "data_sha256": fingerprint(documents)}  # fmt: skip
+        self.identity = {
+            **c.resume_identity(self.objective, self.precision),
+            "world": self.world,
+            "data_sha256": fingerprint(documents),
+        }
 
         self.start = 0
         if c.resume:
@@ -215,8 +237,9 @@ class Trainer:
         self.wrapped, self.optimizer = self.accelerator.prepare(self.task, self.optimizer)
         # autocast here rather than Accelerator(mixed_precision=...): accelerate's process-wide state
         # fixes the precision at the first Accelerator, so a second run in one process could not change it
-        self.autocast = torch.autocast(self.accelerator.device.type, dtype=torch.bfloat16,
-                                       enabled=self.precision == "bf16")  # fmt: skip
+        self.autocast = torch.autocast(
+            self.accelerator.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"
+        )
         self._ready = True
 
     def _check_positions(self, model) -> None:
@@ -238,7 +261,8 @@ class Trainer:
             given = [n for n in DISTILL_ONLY if getattr(c, n) != fields[n].default]
             if chosen != "distill" and given:
                 raise SurgeonError(
-                    f"train: objective auto chose {chosen} ({reason}), but {', '.join(given)} only apply to distill; "
+                    f"train: objective auto chose {chosen} ({reason}), but {', '.join(given)} only apply "
+                    "to distill; "
                     "pass --objective explicitly"
                 )
         if chosen == "distill":
@@ -247,7 +271,8 @@ class Trainer:
             teacher_limit = _max_positions(AutoConfig.from_pretrained(self.base_dir, local_files_only=True))
             if teacher_limit is not None and c.seq_len > teacher_limit:
                 raise SurgeonError(
-                    f"train: distill: seq-len {c.seq_len} exceeds the teacher's (the base's) {teacher_limit} positions"
+                    f"train: distill: seq-len {c.seq_len} exceeds the teacher's (the base's) "
+                    f"{teacher_limit} positions"
                 )
         return chosen, reason
 
@@ -328,7 +353,8 @@ class Trainer:
         if self.objective == "distill" and value <= SAME_AS_TEACHER:
             raise SurgeonError(
                 f"train: distill: the student equals the teacher on the first batch (loss {value:.3g}): no "
-                "patched module differs from the base (LoRA starts with B = 0, BitFit and unfrozen tensors at "
+                "patched module differs from the base (LoRA starts with B = 0, BitFit and unfrozen tensors "
+                "at "
                 "the base's values), so distillation has nothing to learn; use --objective mlm or clm "
                 "(auto picks one), or change the attention (e.g. sliding_window) before distilling"
             )
@@ -352,16 +378,27 @@ class Trainer:
         if not self._ready:
             self.setup()
         c = self.config
-        result = TrainResult(os.path.abspath(c.out_dir), c.steps, self.start, objective=self.objective,
-                             objective_reason=self.objective_reason, mixed_precision=self.precision)  # fmt: skip
+        result = TrainResult(
+            os.path.abspath(c.out_dir),
+            c.steps,
+            self.start,
+            objective=self.objective,
+            objective_reason=self.objective_reason,
+            mixed_precision=self.precision,
+        )
         flag = StopFlag()
         bar = None
         if c.progress and self.main:
             from tqdm.auto import tqdm
 
             precision = "bf16" if self.precision == "bf16" else "fp32"
-            bar = tqdm(total=c.steps, initial=self.start, desc=f"surgeon train ({self.objective}, {precision})",
-                       unit="step", dynamic_ncols=True)  # fmt: skip
+            bar = tqdm(
+                total=c.steps,
+                initial=self.start,
+                desc=f"surgeon train ({self.objective}, {precision})",
+                unit="step",
+                dynamic_ncols=True,
+            )
         done = self.start
         try:
             self._began = time.monotonic()
@@ -425,12 +462,14 @@ class Trainer:
             last = self._last_checkpoint()
             kept = f"the last checkpoint (step {last[0]}) is intact" if last else "nothing was written"
             raise SurgeonError(
-                f"train: refusing to save step {step}: the trained tensor {bad[0]} holds {bad[1]} values — the "
+                f"train: refusing to save step {step}: the trained tensor {bad[0]} holds {bad[1]} values — "
+                "the "
                 f"run diverged (lr {self.config.lr:g}); {kept}; lower --lr"
             )
 
     def save_checkpoint(self, step: int) -> str | None:
-        """Write a resumable checkpoint of `step` (rank 0 writes; every rank waits). Returns its path on rank 0."""
+        """Write a resumable checkpoint of `step` (rank 0 writes; every rank waits). Returns its path
+        on rank 0."""
         self._refuse_non_finite(step)
         self.accelerator.wait_for_everyone()
         path = None
@@ -438,9 +477,14 @@ class Trainer:
             params = dict(self.accelerator.unwrap_model(self.task).named_parameters())
             state = {"names": self.names, "identity": self.identity, "config": self.config.model_dump()}
             path = self.checkpoints.write(
-                step, {n: params[n] for n in self.names}, self.optimizer.state_dict(), self.scheduler.state_dict(),
-                state, lambda directory: save_diff(self.task.student, directory, base_dir=self.base_dir), self.inputs,
-            )  # fmt: skip
+                step,
+                {n: params[n] for n in self.names},
+                self.optimizer.state_dict(),
+                self.scheduler.state_dict(),
+                state,
+                lambda directory: save_diff(self.task.student, directory, base_dir=self.base_dir),
+                self.inputs,
+            )
         self.accelerator.wait_for_everyone()
         return path
 
@@ -452,7 +496,8 @@ class Trainer:
         if differences:
             raise SurgeonError(
                 f"train: --resume: the checkpoint in {path} was written with other settings — "
-                f"{'; '.join(differences)}; resume with the checkpoint's settings, or start a new run elsewhere"
+                f"{'; '.join(differences)}; resume with the checkpoint's settings, or start a new run "
+                "elsewhere"
             )
         if saved.get("names") != self.names:
             raise SurgeonError(
@@ -485,11 +530,12 @@ def describe_differences(saved: dict, now: dict) -> list[str]:
     return out
 
 
-def train_diff(diff_dir: str | None = None, data=None, *, callback=None, config: TrainConfig | None = None,
-               **options) -> TrainResult:  # fmt: skip
+def train_diff(
+    diff_dir: str | None = None, data=None, *, callback=None, config: TrainConfig | None = None, **options
+) -> TrainResult:
     """Train the diff in `diff_dir` on the text files `data`; write the trained diff to `out_dir`.
 
-        surgeon.train_diff("runs/lora", ["corpus.txt"], out_dir="runs/lora-trained", objective="mlm", steps=200)
+        surgeon.train_diff("runs/lora", ["corpus.txt"], out_dir="runs/trained", objective="mlm", steps=200)
 
     Keyword options are `TrainConfig`'s fields (see docs/training.md); or pass `config=` a
     TrainConfig (then diff_dir, data and options must be omitted). `callback(step, loss)` runs
