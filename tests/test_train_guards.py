@@ -75,10 +75,8 @@ def test_auto_refuses_distill_only_settings_it_would_ignore(tmp_path):
         make_config(
             dict(diff_dir=diff, data=["x"], out_dir="o", objective="mlm", final="pooled", attn_weight=0.5)
         )
-    with pytest.raises(SurgeonError, match="compares nothing"):
-        make_config(
-            dict(diff_dir=diff, data=["x"], out_dir="o", objective="distill", final="none", attn_weight=0.0)
-        )
+    with pytest.raises(SurgeonError, match="compares nothing"):  # the class itself raises one-line errors too
+        TrainConfig(diff_dir=diff, data=["x"], out_dir="o", objective="distill", final="none", attn_weight=0.0)
 
 
 def test_a_zero_loss_at_the_first_step_is_refused(tmp_path, monkeypatch):
@@ -178,6 +176,19 @@ def test_force_never_deletes_an_input_inside_out(tmp_path):
             **FAST,
         )
     assert os.path.isfile(corpus)
+
+
+def test_output_is_never_the_working_directory(tmp_path, monkeypatch):
+    base = make_base(tmp_path / "base")
+    diff = make_diff(base, str(tmp_path / "d"), BITFIT_ATTN)
+    data = data_file(tmp_path)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    for out in (".", str(tmp_path / "work"), str(tmp_path)):
+        with pytest.raises(SurgeonError, match="is or contains the working directory|contains the input"):
+            train_diff(diff, [data], out_dir=out, objective="mlm", overwrite=True, **FAST)
+    assert os.path.isdir(work) and os.path.isfile(data)
 
 
 @pytest.mark.parametrize("what", ["base", "diff", "foreign file"])

@@ -213,6 +213,13 @@ class TrainConfig(BaseModel):
 
     _source: str | None = PrivateAttr(None)  # the YAML file it was read from: an input like the data
 
+    def __init__(self, /, **data: Any) -> None:
+        # bad settings are one located line each (a RecipeError, a SurgeonError), as everywhere in surgeon
+        try:
+            super().__init__(**data)
+        except pydantic.ValidationError as exc:
+            raise config_error(exc, data) from None
+
     @property
     def source(self) -> str | None:
         return self._source
@@ -303,18 +310,21 @@ def resume_fields() -> list[str]:
     return [n for n, f in TrainConfig.model_fields.items() if f.json_schema_extra["resume"] == "same"]
 
 
-def make_config(values: dict[str, Any], *, where=None, source: str = "train") -> TrainConfig:
+def make_config(values: dict[str, Any], *, where=None) -> TrainConfig:
     """Validate `values` into a TrainConfig; every problem becomes one located line of a
-    RecipeError. `where(field)` names where a value came from (default: the field's name)."""
+    RecipeError. `where(field)` names where a value came from (default: "train")."""
     try:
         return TrainConfig.model_validate(values)
     except pydantic.ValidationError as exc:
+        raise config_error(exc, values, where) from None
 
-        def place(path) -> str:
-            return where(path[0] if path else None) if where else source
 
-        problems = validation_problems(exc, (), values, place, lambda path: list(TrainConfig.model_fields))
-        raise RecipeError([_mention_flags(p) for p in problems]) from None
+def config_error(exc: pydantic.ValidationError, values: dict[str, Any], where=None) -> RecipeError:
+    def place(path) -> str:
+        return where(path[0] if path else None) if where else "train"
+
+    problems = validation_problems(exc, (), values, place, lambda path: list(TrainConfig.model_fields))
+    return RecipeError([_mention_flags(p) for p in problems])
 
 
 def _mention_flags(problem: str) -> str:

@@ -111,6 +111,12 @@ def check_paths(config: TrainConfig, base_dir: str) -> list[str]:
     Returns the inputs. The one place these checks live."""
     inputs = [config.diff_dir, base_dir, *config.data] + ([config.source] if config.source else [])
     check_output(config.out_dir, inputs, overwrite=config.overwrite)
+    out, here = os.path.realpath(config.out_dir), os.path.realpath(os.getcwd())
+    if os.path.commonpath([out, here]) == out:  # `-o .`: the output would replace the working directory
+        raise SurgeonError(
+            f"train: the output {config.out_dir} is or contains the working directory; writing it would "
+            "replace the directory you are in — choose a new directory for -o"
+        )
     root = config.checkpoint_root()
     try:
         check_output(root, [config.out_dir], overwrite=True)
