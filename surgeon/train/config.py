@@ -253,8 +253,7 @@ class TrainConfig(BaseModel):
     @pydantic.model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
         if self.objective in ("mlm", "clm"):
-            fields = type(self).model_fields
-            given = [name for name in DISTILL_ONLY if getattr(self, name) != fields[name].default]
+            given = self.distill_settings_given()
             if given:
                 raise ValueError(
                     f"{', '.join(given)} only apply to objective distill (objective is {self.objective})"
@@ -271,6 +270,11 @@ class TrainConfig(BaseModel):
         return self
 
     # ---- derived -------------------------------------------------------------------------
+    def distill_settings_given(self) -> list[str]:
+        """The distill-only fields set to something other than their default."""
+        fields = type(self).model_fields
+        return [name for name in DISTILL_ONLY if getattr(self, name) != fields[name].default]
+
     def checkpoint_root(self) -> str:
         return self.checkpoint_dir or os.path.abspath(self.out_dir).rstrip(os.sep) + ".checkpoints"
 

@@ -17,7 +17,10 @@ teacher's forward — happens in `inputs(ids, generator)`, outside the DDP wrapp
   errors of the layers below (the "attention transfer" stage of LoLCATs, Zhang et al. 2024).
   The loss is then the layer terms alone. Meant as a first stage before an end-to-end one
   (e.g. `final: pooled`); in ad-hoc trials on the MiniLM fidelity cases it did not beat
-  end-to-end training alone.
+  end-to-end training alone. A student equal to its teacher (LoRA with B = 0, BitFit at the
+  base's biases) gives a loss of 0: the trainer refuses it at the first step
+  (`SAME_AS_TEACHER`), and objective auto picks distill only where attention is replaced
+  (`choose_objective`).
 - `mlm`: BERT masking (Devlin et al. 2019): 15 % of non-special tokens; of those 80 % →
   mask token, 10 % → random token, 10 % unchanged.
 - `clm`: next-token prediction (labels = inputs; the model shifts them).
@@ -292,13 +295,16 @@ def choose_objective(model: nn.Module) -> tuple[str, str]:
     (a diff of LoRA/BitFit alone starts equal to the base, so distilling it learns nothing)."""
     if has_attention_variant(model):
         return "distill", "some attention is replaced by an efficient variant: calibrate it to the dense base"
+    unchanged = "the diff replaces no attention, so distill would compare the model with itself"
     if is_causal_model(model):
-        return "clm", "the diff replaces no attention, so distill would compare the model with itself; the model is causal"
-    return "mlm", "the diff replaces no attention, so distill would compare the model with itself; the model is bidirectional"
+        return "clm", f"{unchanged}; the model is causal"
+    return "mlm", f"{unchanged}; the model is bidirectional"
 
 
-def build_objective(objective: str, model, tokenizer, base_dir: str, *, final: str, final_weight: float,
-                    attn_weight: float = 1.0, layerwise: bool = False, allow_pickle: bool = False) -> nn.Module:  # fmt: skip
+def build_objective(
+    objective: str, model, tokenizer, base_dir: str, *, final: str, final_weight: float,
+    attn_weight: float = 1.0, layerwise: bool = False, allow_pickle: bool = False,
+) -> nn.Module:  # fmt: skip
     if objective not in OBJECTIVES:
         raise SurgeonError(f"train: unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
     if objective == "clm":

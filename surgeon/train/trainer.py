@@ -28,13 +28,15 @@ from dataclasses import dataclass, field
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedDataParallelKwargs
+from transformers import AutoConfig
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from ..diff import load, read_manifest, save_diff
 from ..errors import SurgeonError
 from ..fsutil import check_output
 from ..precision import describe_cpu, native_bf16
 from .checkpoints import CheckpointDir, non_finite
-from .config import DISTILL_ONLY, TrainConfig, field_flags, make_config
+from .config import TrainConfig, field_flags, make_config
 from .data import MiB, StepBatches, fingerprint, load_tokenizer, pack, read_corpus
 from .objectives import SAME_AS_TEACHER, DistillObjective, build_objective, choose_objective
 from .stopping import StopFlag
@@ -52,9 +54,8 @@ class TrainResult:
     objective: str = ""  # as run (objective auto resolved)
     objective_reason: str = ""  # why auto chose it; empty when given explicitly
     mixed_precision: str = ""  # as run: "no" (fp32) or "bf16"
-    notes: list[str] = field(
-        default_factory=list
-    )  # things the user should know (e.g. a directory left in place)
+    # things the user should know (e.g. a checkpoint directory left in place)
+    notes: list[str] = field(default_factory=list)
 
 
 def _max_positions(config) -> int | None:
@@ -163,9 +164,8 @@ class Trainer:
                 "pass --resume to continue it, or delete it to start over"
             )
 
-        model = load(
-            self.base_dir, c.diff_dir, allow_pickle=c.allow_pickle
-        )  # refuses a diff from another base
+        # refuses a diff made on another base
+        model = load(self.base_dir, c.diff_dir, allow_pickle=c.allow_pickle)
         if getattr(model.config, "is_encoder_decoder", False):
             raise SurgeonError(
                 f"train: {type(model).__name__} is encoder-decoder; train supports encoder-only and "
@@ -263,17 +263,13 @@ class Trainer:
             chosen, reason = c.objective, ""
         else:
             chosen, reason = choose_objective(model)
-            fields = TrainConfig.model_fields
-            given = [n for n in DISTILL_ONLY if getattr(c, n) != fields[n].default]
+            given = c.distill_settings_given()
             if chosen != "distill" and given:
                 raise SurgeonError(
                     f"train: objective auto chose {chosen} ({reason}), but {', '.join(given)} only apply "
-                    "to distill; "
-                    "pass --objective explicitly"
+                    "to distill; pass --objective explicitly"
                 )
         if chosen == "distill":
-            from transformers import AutoConfig
-
             teacher_limit = _max_positions(AutoConfig.from_pretrained(self.base_dir, local_files_only=True))
             if teacher_limit is not None and c.seq_len > teacher_limit:
                 raise SurgeonError(
@@ -296,8 +292,6 @@ class Trainer:
         )
         enable({"use_reentrant": False})
         if not use_dropout:
-            from transformers.modeling_layers import GradientCheckpointingLayer
-
             for module in model.modules():
                 if isinstance(module, GradientCheckpointingLayer):
                     module.training = True  # the switch transformers reads; its children stay in eval
