@@ -75,8 +75,8 @@ def test_auto_refuses_distill_only_settings_it_would_ignore(tmp_path):
         make_config(
             dict(diff_dir=diff, data=["x"], out_dir="o", objective="mlm", final="pooled", attn_weight=0.5)
         )
-    with pytest.raises(SurgeonError, match="compares nothing"):  # the class itself raises one-line errors too
-        TrainConfig(diff_dir=diff, data=["x"], out_dir="o", objective="distill", final="none", attn_weight=0.0)
+    with pytest.raises(SurgeonError, match="compares nothing"):
+        make_config(dict(diff_dir=diff, data=["x"], out_dir="o", objective="distill", final="none", attn_weight=0))
 
 
 def test_a_zero_loss_at_the_first_step_is_refused(tmp_path, monkeypatch):

@@ -41,7 +41,10 @@ def _field(
 
 
 class TrainConfig(BaseModel):
-    """Everything one `surgeon train` run needs; see docs/training.md for the reference."""
+    """Everything one `surgeon train` run needs; see docs/training.md for the reference.
+
+    `make_config(dict)` / `load_train_config(file, overrides)` validate into one located line per
+    problem (a RecipeError); `TrainConfig(...)` itself raises pydantic's ValidationError."""
 
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
@@ -212,13 +215,6 @@ class TrainConfig(BaseModel):
     )
 
     _source: str | None = PrivateAttr(None)  # the YAML file it was read from: an input like the data
-
-    def __init__(self, /, **data: Any) -> None:
-        # bad settings are one located line each (a RecipeError, a SurgeonError), as everywhere in surgeon
-        try:
-            super().__init__(**data)
-        except pydantic.ValidationError as exc:
-            raise config_error(exc, data) from None
 
     @property
     def source(self) -> str | None:
