@@ -27,7 +27,7 @@ from surgeon.cli import cli
 from surgeon.errors import SurgeonError
 from surgeon.train import TrainingInterrupted, train_diff
 from trainkit import one_thread  # noqa: F401  (autouse: tiny models run faster on one thread)
-from trainkit import BITFIT_ATTN, FAST, TEXT, data_file, make_base, make_diff
+from trainkit import BITFIT_ATTN, FAST, TEXT, data_file, make_base, make_diff, step_dirs
 
 
 def _params(model) -> dict[str, torch.Tensor]:
@@ -223,7 +223,7 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(tmp_path):
     with pytest.raises(TrainingInterrupted, match="step 6.*--resume"):
         train_diff(diff, data, out_dir=out, callback=_stop_at(7), **args)
     assert not os.path.exists(out)
-    assert sorted(os.listdir(out + ".checkpoints")) == ["step-00000006"]  # older one replaced
+    assert step_dirs(out + ".checkpoints") == ["step-00000006"]  # older one replaced
     surgeon.load(base, out + ".checkpoints/step-00000006/diff")  # a checkpoint's diff is usable alone
     with pytest.raises(SurgeonError, match="pass --resume"):
         train_diff(diff, data, out_dir=out, **args)
@@ -276,7 +276,7 @@ def test_sigterm_mid_run_then_resume(tmp_path):
     proc = subprocess.Popen(cmd + ["--steps", "100000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env)  # fmt: skip
     deadline = time.time() + 400  # generous: a loaded or slow CPU; pytest-timeout bounds the test
-    while not os.path.isdir(out + ".checkpoints") or not os.listdir(out + ".checkpoints"):
+    while not step_dirs(out + ".checkpoints"):
         assert proc.poll() is None, proc.communicate()
         assert time.time() < deadline, "no checkpoint appeared"
         time.sleep(0.2)
@@ -285,7 +285,7 @@ def test_sigterm_mid_run_then_resume(tmp_path):
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "interrupted by SIGTERM" in err and "--resume" in err and "Traceback" not in err
     assert not os.path.exists(out)
-    (step_dir,) = os.listdir(out + ".checkpoints")
+    (step_dir,) = step_dirs(out + ".checkpoints")
     step = int(step_dir.split("-")[1])
     with open(os.path.join(out + ".checkpoints", step_dir, "state.json")) as handle:
         assert json.load(handle)["step"] == step

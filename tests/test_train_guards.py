@@ -19,7 +19,7 @@ from surgeon.train import trainer as trainer_module
 from surgeon.train.config import make_config
 from surgeon.train.objectives import MlmObjective
 from trainkit import one_thread  # noqa: F401  (autouse: tiny models run faster on one thread)
-from trainkit import BITFIT_ATTN, FAST, TEXT, data_file, make_base, make_diff
+from trainkit import BITFIT_ATTN, FAST, TEXT, data_file, make_base, make_diff, step_dirs
 
 LORA_Q = [{"do": "lora", "select": {"role": "attn.q"}, "with": {"r": 4}}]
 SLIDING = [{"do": "sliding_window", "select": {"role": "attn"}, "with": {"window": 8}}]
@@ -186,7 +186,7 @@ def test_output_is_never_the_working_directory(tmp_path, monkeypatch):
     work.mkdir()
     monkeypatch.chdir(work)
     for out in (".", str(tmp_path / "work"), str(tmp_path)):
-        with pytest.raises(SurgeonError, match="is or contains the working directory|contains the input"):
+        with pytest.raises(SurgeonError, match="is the current directory or contains it|contains the input"):
             train_diff(diff, [data], out_dir=out, objective="mlm", overwrite=True, **FAST)
     assert os.path.isdir(work) and os.path.isfile(data)
 
@@ -260,7 +260,7 @@ def _checkpoint(tmp_path, steps=4):
 
     with pytest.raises(SurgeonError, match="interrupted"):
         train_diff(diff, data, out_dir=out, objective="mlm", steps=steps, save_every=1, callback=stop, **FAST)
-    (step_dir,) = os.listdir(out + ".checkpoints")
+    (step_dir,) = step_dirs(out + ".checkpoints")
     return diff, data, out, os.path.join(out + ".checkpoints", step_dir, "state.json")
 
 

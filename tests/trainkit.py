@@ -93,5 +93,10 @@ def data_file(tmp_path, text: str = TEXT * 20, name: str = "data.txt") -> str:
     return str(path)
 
 
+def step_dirs(root: str) -> list[str]:
+    """The step checkpoints in a checkpoint directory (beside surgeon's marker file)."""
+    return sorted(n for n in os.listdir(root) if n.startswith("step-")) if os.path.isdir(root) else []
+
+
 BITFIT_ATTN = [{"do": "bitfit", "select": {"role": "attn"}}]
 FAST = dict(seq_len=32, batch_size=4, progress=False)

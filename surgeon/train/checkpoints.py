@@ -23,7 +23,8 @@ import shutil
 import torch
 
 from ..errors import SurgeonError
-from ..fsutil import atomic_dir, check_output
+from ..fs_marker import MARKER, write_marker
+from ..fsutil import atomic_dir
 
 FORMAT = "surgeon-train-checkpoint"
 VERSION = 1
@@ -33,7 +34,8 @@ OPTIMIZER = "optimizer.pt"
 SCHEDULER = "scheduler.pt"
 DIFF = "diff"
 _STEP = re.compile(r"^step-(\d{8,})$")
-_ATOMIC_LEFTOVER = re.compile(r"^\.step-\d{8,}\.(tmp|old)-[A-Za-z0-9_]+$")  # fsutil.atomic_dir's temp names
+_ATOMIC_LEFTOVER = re.compile(r"^\.step-\d{8,}\.(tmp|old)-[A-Za-z0-9_.-]+$")  # fsutil.atomic_dir's temp names
+KIND = "train-checkpoints"  # the marker that makes the directory surgeon's (fs_marker)
 
 
 def non_finite(tensors: dict[str, torch.Tensor]) -> tuple[str, str] | None:
@@ -82,13 +84,12 @@ class CheckpointDir:
         """Names in the directory that surgeon did not write (it must never delete them)."""
         if not os.path.isdir(self.root):
             return []
-        ours = {os.path.basename(path) for _, path in self.steps()}
+        ours = {os.path.basename(path) for _, path in self.steps()} | {MARKER}
         return sorted(n for n in os.listdir(self.root) if n not in ours and not _ATOMIC_LEFTOVER.match(n))
 
-    def check_usable(self, inputs: list[str]) -> None:
-        """Refuse a checkpoint directory that is, holds or lies inside an input, is a file, or
-        holds anything but surgeon's step checkpoints."""
-        check_output(self.root, inputs, overwrite=True)  # containment both ways, "exists and not a directory"
+    def check_usable(self) -> None:
+        """Refuse a checkpoint directory that holds anything but surgeon's step checkpoints (its
+        place among the inputs is `fsutil.check_paths`' to check)."""
         strangers = self.foreign()
         if strangers:
             shown = ", ".join(strangers[:3]) + (
@@ -115,7 +116,9 @@ class CheckpointDir:
         """Write step `step` atomically (`write_diff(dir)` saves the diff), then prune older steps."""
         from safetensors.torch import save_file
 
-        os.makedirs(self.root, exist_ok=True)
+        if not os.path.isdir(self.root):
+            os.makedirs(self.root)
+            write_marker(self.root, KIND, whole_tree=True)
         target = self.path(step)
         with atomic_dir(target, inputs) as tmp:
             save_file(
@@ -166,6 +169,10 @@ class CheckpointDir:
             if _ATOMIC_LEFTOVER.match(name):
                 shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
         strangers = self.foreign()
+        marker = os.path.join(self.root, MARKER)
+        if os.path.isfile(marker):
+            # unmarked, the directory is no longer claimed as surgeon's: what is left in it is not ours
+            os.remove(marker)
         if strangers:
             shown = ", ".join(strangers[:3])
             return f"left {self.root} in place: it holds files surgeon did not write ({shown})"

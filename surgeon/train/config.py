@@ -208,7 +208,11 @@ class TrainConfig(BaseModel):
         le=1 << 20,  # 1 TiB
     )
     # ---- how the run behaves, not what it computes ----------------------------------------------
-    overwrite: bool = _field(False, "Replace out_dir if it exists (atomically).", flags=("--force",))
+    overwrite: bool = _field(
+        False,
+        "Replace out_dir if it is surgeon's own output (atomically); anything else is refused.",
+        flags=("--force",),
+    )
     progress: bool = _field(True, "Show a progress bar with the loss.")
     allow_pickle: bool = _field(
         False, "Allow a base with pickle .bin weights (loaded with weights_only=True)."

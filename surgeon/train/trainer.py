@@ -33,7 +33,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from ..diff import load, read_manifest, save_diff
 from ..errors import SurgeonError
-from ..fsutil import check_output
+from ..fsutil import check_paths
 from ..precision import describe_cpu, native_bf16
 from .checkpoints import CheckpointDir, non_finite
 from .config import TrainConfig, field_flags, make_config
@@ -106,28 +106,21 @@ def resolve_precision(requested: str, device_type: str) -> tuple[str, str | None
     return requested, None
 
 
-def check_paths(config: TrainConfig, base_dir: str) -> list[str]:
+def check_run_paths(config: TrainConfig, base_dir: str) -> list[str]:
     """Every input (diff, base, data files, config file) against every path the run writes or
-    deletes (out_dir, which --force replaces, and the checkpoint directory, removed at the end).
-    Returns the inputs. The one place these checks live."""
+    deletes — out_dir (which --force replaces) and the checkpoint directory (removed at the end)
+    — through `fsutil.check_paths`; and the two outputs against each other. Returns the inputs."""
     inputs = [config.diff_dir, base_dir, *config.data] + ([config.source] if config.source else [])
-    check_output(config.out_dir, inputs, overwrite=config.overwrite)
-    out, here = os.path.realpath(config.out_dir), os.path.realpath(os.getcwd())
-    if os.path.commonpath([out, here]) == out:  # `-o .`: the output would replace the working directory
-        raise SurgeonError(
-            f"train: the output {config.out_dir} is or contains the working directory; writing it would "
-            "replace the directory you are in — choose a new directory for -o"
-        )
     root = config.checkpoint_root()
-    try:
-        check_output(root, [config.out_dir], overwrite=True)
-    except SurgeonError:
+    out, checkpoints = os.path.realpath(config.out_dir), os.path.realpath(root)
+    if os.path.commonpath([out, checkpoints]) in (out, checkpoints):
         raise SurgeonError(
             f"train: the checkpoint directory {root} and the output {config.out_dir} lie inside one another "
             "(replacing the output would delete the checkpoints, or the reverse); choose another "
             "--checkpoint-dir"
-        ) from None
-    CheckpointDir(root).check_usable(inputs)
+        )
+    check_paths(inputs=inputs, outputs=[config.out_dir], deletes=[root], overwrite=config.overwrite)
+    CheckpointDir(root).check_usable()
     return inputs
 
 
@@ -150,7 +143,7 @@ class Trainer:
         self.main = self.state.is_main_process
         manifest = read_manifest(c.diff_dir)
         self.base_dir = c.base_dir or manifest["base"]["path"]
-        self.inputs = check_paths(c, self.base_dir)
+        self.inputs = check_run_paths(c, self.base_dir)
         self.checkpoints = CheckpointDir(c.checkpoint_root())
         existing = self.checkpoints.steps()
         if c.resume and not existing:
