@@ -12,7 +12,7 @@ modules of surgeon's dependencies (`train_modules()`), minus any docstring that 
 the evaluation text. Each set is tokenised as one stream and cut into 256-token windows
 ([CLS] … [SEP]), exactly as `surgeon train` packs its data. Metric: cosine between the mean-pooled sentence embedding of the
 patched model and of the original dense model, averaged over the evaluation windows.
-Budget: each case's `surgeon.train` call is capped at `--budget` seconds of wall-clock time (the
+Budget: each case's `surgeon.train_diff` call is capped at `--budget` seconds of wall-clock time (the
 number of steps is sized from a measured step time), with `--mixed-precision bf16` (default) on
 a CPU with AVX512-BF16. Wall-clock budgets buy fewer steps when other jobs share the cores.
 Writes benchmarks/results/fidelity.json.
@@ -89,7 +89,7 @@ def train_modules() -> list[str]:
 
 def measure_step(diff, train_file, work, batch, settings) -> float:
     """Seconds per distillation step, measured (3 steps, first one discarded)."""
-    from surgeon.train import train
+    from surgeon.train import train_diff as train
 
     times = []
     train(diff, [train_file], out_dir=os.path.join(work, "probe"), objective="distill", steps=3, seq_len=SEQ,
@@ -99,7 +99,7 @@ def measure_step(diff, train_file, work, batch, settings) -> float:
 
 def run_case(name, rules, target, note, settings, *, base, train_file, windows, reference, budget, batch, work):
     import surgeon
-    from surgeon.train import train
+    from surgeon.train import train_diff as train
 
     work = tempfile.mkdtemp(prefix="case-", dir=work)  # cases whose names share a first word never collide
     model, _ = surgeon.load_model(base)

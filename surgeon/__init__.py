@@ -6,6 +6,7 @@
     print(surgery.report())
     surgeon.save_diff(model, "runs/minilm")      # only the trainable and added tensors
     model = surgeon.load(base_dir, "runs/minilm")
+    surgeon.train_diff("runs/minilm", ["corpus.txt"], out_dir="runs/trained", objective="mlm")
 """
 
 __version__ = "0.1.0"
@@ -28,12 +29,11 @@ def __getattr__(name):
         from .lora.merge import merge, unmerge  # `surgeon.lora.merge` the module, not the function
 
         return {"merge": merge, "unmerge": unmerge}[name]
-    if name == "train":
-        # the package surgeon.train is itself callable (forwards to surgeon.train.loop.train):
-        # importing any of its submodules binds the attribute to the package anyway
-        import importlib
+    if name in ("train_diff", "Trainer", "TrainConfig", "TrainResult", "load_train_config"):
+        # `surgeon.train` is the package (importing it binds that name); these are its public parts
+        from . import train
 
-        return importlib.import_module(".train", __name__)
+        return getattr(train, name)
     if name == "ModelMap":
         from .modelmap import ModelMap
 
@@ -60,6 +60,10 @@ __all__ = [
     "patch",
     "save_diff",
     "surgery_of",
-    "train",
+    "TrainConfig",
+    "TrainResult",
+    "Trainer",
+    "load_train_config",
+    "train_diff",
     "unmerge",
 ]

@@ -19,3 +19,12 @@ class RecipeError(SurgeonError):
 
 class CheckpointError(SurgeonError):
     """A model directory or a diff directory is missing, incomplete, corrupt or mismatched."""
+
+
+class Interrupted(SurgeonError):
+    """The command was stopped by a signal (Ctrl-C: SIGINT, or SIGTERM); the CLI exits 128 + its
+    number (130, 143), as shells report a process killed by that signal."""
+
+    def __init__(self, message: str, signal_number: int):
+        super().__init__(message)
+        self.signal_number = signal_number

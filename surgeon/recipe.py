@@ -29,7 +29,14 @@ from . import recipe_library, registry
 from .errors import RecipeError, SurgeonError
 from .modelpath import resolve_model_path
 from .roles import ROLE_NAMES
-from .yamlfile import Path, format_path, line_of, load_yaml
+from .yamlfile import (
+    Path,
+    format_path,
+    line_of,
+    load_yaml,
+    read_yaml_text,
+    validation_problems,
+)
 
 RECIPE_VERSION = 1
 MAX_RECIPE_BYTES = 2**20  # a recipe for every layer of a 70B model is a few kB; this bounds parse time
@@ -214,19 +221,9 @@ def load_recipe(source: str | os.PathLike | dict | Recipe) -> Recipe:
     path = os.fspath(source)
     if recipe_library.is_library_name(path):
         path = recipe_library.path_of(path)
-    try:
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read(MAX_RECIPE_BYTES + 1)
-    except FileNotFoundError:
-        raise SurgeonError(f"{path}: recipe file not found{recipe_library.suggestion_for_missing_file(path)}") from None
-    except IsADirectoryError:
-        raise SurgeonError(f"{path}: is a directory, not a recipe file") from None
-    except UnicodeDecodeError as exc:
-        raise SurgeonError(f"{path}: recipe is not UTF-8 text ({exc.reason})") from None
-    except OSError as exc:
-        raise SurgeonError(f"{path}: cannot read recipe: {exc.strerror}") from None
-    if len(text) > MAX_RECIPE_BYTES:
-        raise SurgeonError(f"{path}: more than {MAX_RECIPE_BYTES} characters; a recipe is a short file")
+    elif not os.path.exists(path):
+        raise SurgeonError(f"{path}: recipe file not found{recipe_library.suggestion_for_missing_file(path)}")
+    text = read_yaml_text(path, "recipe", limit=MAX_RECIPE_BYTES)
     data, lines = load_yaml(text, path)
     return _validate(data, lines, path, text, os.path.dirname(os.path.abspath(path)))
 
@@ -242,7 +239,7 @@ def _validate(data: Any, lines: dict[Path, int], source: str, text, directory) -
     try:
         model = RecipeModel.model_validate(data)
     except pydantic.ValidationError as exc:
-        problems += _format_errors(exc, (), data, where, _fields_at)
+        problems += validation_problems(exc, (), data, where, _fields_at)
         model = None
     rules: list[RuleSpec] = []
     raw_rules = data.get("rules") if isinstance(data.get("rules"), list) else []
@@ -273,7 +270,7 @@ def _validate_rule(index: int, raw: dict, where, problems: list[str], line: int 
     try:
         params = info.action_class.Params.model_validate(with_data)
     except pydantic.ValidationError as exc:
-        problems += _format_errors(
+        problems += validation_problems(
             exc, loc + ("with",), with_data, where, lambda p: _param_fields(info.action_class)
         )
         return None
@@ -297,78 +294,3 @@ def _fields_at(path: Path) -> list[str]:
     if len(path) == 3 and path[0] == "rules" and path[2] == "select":
         return list(Selector.model_fields)
     return []
-
-
-def _data_prefix(loc: tuple, data: Any) -> Path:
-    """The part of a pydantic error location that exists in the data (drops union tags)."""
-    out: list = []
-    node = data
-    for part in loc:
-        if isinstance(node, dict) and part in node:
-            node = node[part]
-        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
-            node = node[part]
-        elif part == "with_" and isinstance(node, dict) and "with" in node:
-            part, node = "with", node["with"]
-        elif isinstance(part, str) and ("[" in part or part[:1].isupper()):
-            continue  # a union member's tag ('list[int]', 'WindowGrowth'): the data goes on below it
-        else:
-            break
-        out.append(part)
-    return tuple(out)
-
-
-def _is_type_mismatch(error: dict) -> bool:
-    return error["type"].endswith("_type")  # int_type, list_type, model_type, …
-
-
-def _relevant(errors: list[dict], data: Any) -> list[dict]:
-    """A value that fails a union reports every member's error; drop the members whose type it
-    does not have when another member that took it says what is wrong inside (window: [4, 0]
-    is a bad list entry, not "should be a valid integer")."""
-    paths = [_data_prefix(tuple(e["loc"]), data) for e in errors]
-    keep = []
-    for error, path in zip(errors, paths):
-        if _is_type_mismatch(error) and any(
-            not _is_type_mismatch(other) and other_path[: len(path)] == path
-            for other, other_path in zip(errors, paths)
-        ):
-            continue
-        keep.append(error)
-    return keep
-
-
-def _format_errors(exc: pydantic.ValidationError, prefix: Path, data: Any, where, fields_at) -> list[str]:
-    problems, seen = [], set()
-    for error in _relevant(exc.errors(), data):
-        loc = tuple(error["loc"])
-        inside = _data_prefix(loc, data)
-        full = prefix + inside
-        if error["type"] == "extra_forbidden":
-            key = loc[-1]
-            known = fields_at(full[:-1] if full and full[-1] == key else full)
-            close = difflib.get_close_matches(str(key), known, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            message = f"unknown key '{key}'{hint}" + (f"; known keys: {', '.join(known)}" if known else "")
-        elif error["type"] == "missing":
-            full = full + (loc[-1],) if loc and loc[-1] not in inside else full
-            message = "required key is missing"
-        else:
-            message = _message(error)
-        text = f"{where(full)}: {format_path(full)}: {message}"
-        if full in seen and error["type"] not in ("extra_forbidden", "missing"):
-            continue  # one line per field: unions report each member otherwise
-        seen.add(full)
-        problems.append(text)
-    return problems
-
-
-def _message(error: dict) -> str:
-    msg = error["msg"].removeprefix("Value error, ")
-    if error["type"] in ("string_type", "int_type", "float_type", "bool_type", "list_type", "dict_type"):
-        got = error.get("input")
-        if isinstance(got, str) and error["type"] in ("int_type", "float_type"):
-            msg += f" (got the string '{got}'; write numbers unquoted)"
-        else:
-            msg += f" (got {type(got).__name__} {got!r})"
-    return msg

@@ -14,12 +14,14 @@ control characters (which YAML itself forbids).
 
 from __future__ import annotations
 
+import difflib
 import re
 from typing import Any
 
+import pydantic
 import yaml
 
-from .errors import RecipeError
+from .errors import RecipeError, SurgeonError
 
 Path = tuple  # a data path: ("rules", 0, "with", "r")
 
@@ -92,6 +94,25 @@ def _construct_float(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> float:
 
 
 _CoreLoader.add_constructor("tag:yaml.org,2002:float", _construct_float)
+
+
+def read_yaml_text(path: str, noun: str, limit: int | None = None) -> str:
+    """The text of a YAML file a user named; missing, unreadable, non-UTF-8 or (with `limit`)
+    oversized files are one-line errors naming the file and what it was meant to be."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read() if limit is None else handle.read(limit)
+            if limit is not None and handle.read(1):
+                raise SurgeonError(f"{path}: more than {limit} characters; a {noun} is a short file")
+    except FileNotFoundError:
+        raise SurgeonError(f"{path}: {noun} file not found") from None
+    except UnicodeDecodeError as exc:
+        raise SurgeonError(f"{path}: {noun} is not UTF-8 text ({exc.reason})") from None
+    except IsADirectoryError:
+        raise SurgeonError(f"{path}: the {noun} is a directory, not a file") from None
+    except OSError as exc:
+        raise SurgeonError(f"{path}: cannot read {noun}: {exc.strerror}") from None
+    return text
 
 
 def load_yaml(text: str, source: str) -> tuple[Any, dict[Path, int]]:
@@ -169,3 +190,92 @@ def line_of(lines: dict[Path, int], path: Path) -> int | None:
         if path[:end] in lines:
             return lines[path[:end]]
     return None
+
+
+def _data_prefix(loc: tuple, data: Any) -> Path:
+    """The part of a pydantic error location that exists in the data (drops union tags)."""
+    out: list = []
+    node = data
+    for part in loc:
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            node = node[part]
+        elif part == "with_" and isinstance(node, dict) and "with" in node:
+            part, node = "with", node["with"]
+        elif isinstance(part, str) and ("[" in part or part[:1].isupper()):
+            continue  # a union member's tag ('list[int]', 'WindowGrowth'): the data goes on below it
+        else:
+            break
+        out.append(part)
+    return tuple(out)
+
+
+def _is_type_mismatch(error: dict) -> bool:
+    return error["type"].endswith("_type")  # int_type, list_type, model_type, …
+
+
+def _relevant(errors: list[dict], data: Any) -> list[dict]:
+    """A value that fails a union reports every member's error; drop the members whose type it
+    does not have when another member that took it says what is wrong inside (window: [4, 0]
+    is a bad list entry, not "should be a valid integer")."""
+    paths = [_data_prefix(tuple(e["loc"]), data) for e in errors]
+    keep = []
+    for error, path in zip(errors, paths):
+        if _is_type_mismatch(error) and any(
+            not _is_type_mismatch(other) and other_path[: len(path)] == path
+            for other, other_path in zip(errors, paths)
+        ):
+            continue
+        keep.append(error)
+    return keep
+
+
+# errors whose message does not say what was given
+_SHOW_INPUT = ("literal_error", "greater_than", "greater_than_equal", "less_than", "less_than_equal",
+               "finite_number", "too_short", "too_long")  # fmt: skip
+
+
+def validation_problems(
+    exc: pydantic.ValidationError, prefix: Path, data: Any, where, fields_at
+) -> list[str]:
+    """One located line per pydantic error: `where(path): field.path: message`.
+
+    `data` is what was validated (found at `prefix` in the file), `where(path)` names the place a
+    data path came from (e.g. `file.yaml:12`), `fields_at(path)` lists the keys known at a path
+    (for "did you mean" on unknown keys)."""
+    problems, seen = [], set()
+    for error in _relevant(exc.errors(), data):
+        loc = tuple(error["loc"])
+        inside = _data_prefix(loc, data)
+        full = prefix + inside
+        if error["type"] == "extra_forbidden":
+            key = loc[-1]
+            known = fields_at(full[:-1] if full and full[-1] == key else full)
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            message = f"unknown key '{key}'{hint}" + (f"; known keys: {', '.join(known)}" if known else "")
+        elif error["type"] == "missing":
+            full = full + (loc[-1],) if loc and loc[-1] not in inside else full
+            message = "required key is missing"
+        else:
+            message = _message(error)
+        text = f"{where(full)}: {format_path(full)}: {message}"
+        if full in seen and error["type"] not in ("extra_forbidden", "missing"):
+            continue  # one line per field: unions report each member otherwise
+        seen.add(full)
+        problems.append(text)
+    return problems
+
+
+def _message(error: dict) -> str:
+    msg = error["msg"].removeprefix("Value error, ")
+    if error["type"] in ("string_type", "int_type", "float_type", "bool_type", "list_type", "dict_type"):
+        got = error.get("input")
+        if isinstance(got, str) and error["type"] in ("int_type", "float_type"):
+            msg += f" (got the string '{got}'; write numbers unquoted)"
+        else:
+            msg += f" (got {type(got).__name__} {got!r})"
+    elif error["type"] in _SHOW_INPUT and "input" in error:
+        msg += f" (got {error['input']!r})"
+    return msg

@@ -12,7 +12,6 @@ import json
 import math
 import os
 import signal
-import string
 import subprocess
 import sys
 import time
@@ -26,91 +25,9 @@ from safetensors.torch import load_file
 import surgeon
 from surgeon.cli import cli
 from surgeon.errors import SurgeonError
-from surgeon.train import TrainingInterrupted, train
-
-TEXT = (
-    "Return the number of items in a container. The argument may be a sequence (such as a string, "
-    "bytes, tuple, list, or range) or a collection (such as a dictionary, set, or frozen set).\n"
-)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run many times faster on one thread on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-# ---- tiny checkpoints with tokenizers ---------------------------------------------------------
-def char_tokenizer():
-    chars = list(string.ascii_lowercase + string.digits + ".,:;()[]_-='\"/")
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + chars + ["##" + c for c in chars if c.isalnum()]
-    return transformers.BertTokenizer(vocab={v: i for i, v in enumerate(vocab)})
-
-
-def _byte_symbols() -> list[str]:
-    # GPT-2's byte → printable-character table (Radford et al. 2019, encoder.py)
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    extra = [b for b in range(256) if b not in keep]
-    return [chr(b) for b in keep] + [chr(256 + i) for i in range(len(extra))]
-
-
-def byte_tokenizer():
-    vocab = {c: i for i, c in enumerate(_byte_symbols())}
-    vocab["<|endoftext|>"] = len(vocab)
-    return transformers.GPT2Tokenizer(vocab=vocab, merges=[])
-
-
-def make_base(directory, family: str = "bert", seed: int = 0, **overrides) -> str:
-    """Save a tiny model of `family` with a matching tokenizer; return the directory."""
-    tok = byte_tokenizer() if family in ("gpt2", "llama") else char_tokenizer()
-    vocab = len(tok)
-    if family in ("bert", "bert-headless"):
-        config = transformers.BertConfig(**{**dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                         intermediate_size=48, vocab_size=vocab, max_position_embeddings=64),
-                                         **overrides})  # fmt: skip
-        cls = transformers.BertModel if family == "bert-headless" else transformers.BertForMaskedLM
-    elif family == "gpt2":
-        config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=vocab, n_positions=64,
-                                         bos_token_id=vocab - 1, eos_token_id=vocab - 1, **overrides)  # fmt: skip
-        cls = transformers.GPT2LMHeadModel
-    else:
-        config = transformers.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                          num_key_value_heads=2, intermediate_size=48, vocab_size=vocab,
-                                          max_position_embeddings=64, bos_token_id=vocab - 1,
-                                          eos_token_id=vocab - 1, pad_token_id=None, **overrides)  # fmt: skip
-        cls = transformers.LlamaForCausalLM
-    torch.manual_seed(seed)
-    model = cls(config)
-    os.makedirs(directory, exist_ok=True)
-    model.save_pretrained(directory)
-    tok.save_pretrained(directory)
-    return str(directory)
-
-
-def make_diff(base: str, out: str, rules, base_mode: str = "frozen", perturb: float = 0.0) -> str:
-    model, _ = surgeon.load_model(base)
-    surgeon.patch(model, {"surgeon": 1, "base": base_mode, "rules": rules})
-    if perturb:  # move the trainable tensors away from the base: distillation must bring them back
-        generator = torch.Generator().manual_seed(5)
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.requires_grad:
-                    p.add_(perturb * torch.randn(p.shape, generator=generator))
-    surgeon.save_diff(model, out, base_dir=base)
-    return out
-
-
-def data_file(tmp_path, text: str = TEXT * 20, name: str = "data.txt") -> str:
-    path = tmp_path / name
-    path.write_text(text, encoding="utf-8")
-    return str(path)
-
-
-BITFIT_ATTN = [{"do": "bitfit", "select": {"role": "attn"}}]
-FAST = dict(seq_len=32, batch_size=4, progress=False)
+from surgeon.train import TrainingInterrupted, train_diff
+from trainkit import one_thread  # noqa: F401  (autouse: tiny models run faster on one thread)
+from trainkit import BITFIT_ATTN, FAST, TEXT, data_file, make_base, make_diff, step_dirs
 
 
 def _params(model) -> dict[str, torch.Tensor]:
@@ -126,7 +43,7 @@ def _mean(values):
 def test_loss_goes_down_on_repeated_text(tmp_path, family, objective):
     base = make_base(tmp_path / "base", family)
     diff = make_diff(base, str(tmp_path / "d"), [{"do": "unfreeze", "select": {"role": "layer"}}], base_mode="trainable")
-    result = train(diff, [data_file(tmp_path)], out_dir=str(tmp_path / "out"), objective=objective,
+    result = train_diff(diff, [data_file(tmp_path)], out_dir=str(tmp_path / "out"), objective=objective,
                    steps=40, lr=1e-2, **FAST)  # fmt: skip
     assert len(result.losses) == 40
     assert _mean(result.losses[-5:]) < 0.8 * _mean(result.losses[:5]), result.losses
@@ -137,8 +54,8 @@ def test_only_trainable_tensors_change(tmp_path):
     base = make_base(tmp_path / "base")
     diff = make_diff(base, str(tmp_path / "d"), BITFIT_ATTN)
     before = _params(surgeon.load(base, diff))
-    # the public API: `surgeon.train` is callable even though it is also a package
-    result = surgeon.train(diff, [data_file(tmp_path)], out_dir=str(tmp_path / "out"), objective="mlm", steps=5,
+    # the public API, from the top-level package
+    result = surgeon.train_diff(diff, [data_file(tmp_path)], out_dir=str(tmp_path / "out"), objective="mlm", steps=5,
                    lr=1e-2, **FAST)  # fmt: skip
     after = _params(result.model)
     trainable = {n for n, p in result.model.named_parameters() if p.requires_grad}
@@ -157,7 +74,7 @@ def test_only_trainable_tensors_change(tmp_path):
 def test_mlm_on_headless_model_uses_scaffold_head_not_saved(tmp_path):
     base = make_base(tmp_path / "base", "bert-headless")
     diff = make_diff(base, str(tmp_path / "d"), [{"do": "unfreeze", "select": {"role": "layer"}}])
-    result = train(diff, [data_file(tmp_path)], out_dir=str(tmp_path / "out"), objective="mlm", steps=30,
+    result = train_diff(diff, [data_file(tmp_path)], out_dir=str(tmp_path / "out"), objective="mlm", steps=30,
                    lr=3e-3, **FAST)  # fmt: skip
     assert _mean(result.losses[-5:]) < _mean(result.losses[:5])
     stored = load_file(os.path.join(tmp_path / "out", "diff.safetensors"))
@@ -179,7 +96,7 @@ def test_distill_pulls_student_back_to_teacher(tmp_path, final, attn_weight):
             b = teacher(input_ids=ids, output_hidden_states=True).hidden_states[-1]
         return (a - b).pow(2).mean().item()
 
-    result = train(diff, [data_file(tmp_path)], out_dir=str(tmp_path / "out"), objective="distill", steps=40,
+    result = train_diff(diff, [data_file(tmp_path)], out_dir=str(tmp_path / "out"), objective="distill", steps=40,
                    lr=2e-2, final=final, attn_weight=attn_weight, **FAST)  # fmt: skip
     assert result.losses[0] > 0
     assert _mean(result.losses[-5:]) < 0.3 * _mean(result.losses[:5]), result.losses
@@ -224,7 +141,7 @@ def test_layerwise_distill_feeds_teacher_inputs_and_calibrates_each_layer(tmp_pa
     diff = make_diff(base, str(tmp_path / "d"), rules, perturb=0.3)
     start = surgeon.load(base, diff)
     loss0 = layer_outputs(start, layerwise=True)[3]
-    result = train(diff, [data_file(tmp_path)], out_dir=str(tmp_path / "out"), objective="distill", steps=40,
+    result = train_diff(diff, [data_file(tmp_path)], out_dir=str(tmp_path / "out"), objective="distill", steps=40,
                    lr=1e-2, layerwise=True, **FAST)  # fmt: skip
     assert _mean(result.losses[-5:]) < 0.5 * _mean(result.losses[:5]), result.losses
     assert layer_outputs(result.model, layerwise=True)[3] < 0.5 * loss0
@@ -251,7 +168,7 @@ def test_distill_compares_only_patched_attention(tmp_path):
     task = DistillObjective(model, teacher)
     assert task.paths == ["bert.encoder.layer.1.attention.self"]
     task.close()
-    result = train(diff, [data_file(tmp_path)], out_dir=str(tmp_path / "out"), objective="distill", steps=25,
+    result = train_diff(diff, [data_file(tmp_path)], out_dir=str(tmp_path / "out"), objective="distill", steps=25,
                    lr=1e-2, **FAST)  # fmt: skip
     assert result.losses[0] > 0 and _mean(result.losses[-5:]) < _mean(result.losses[:5])
 
@@ -268,7 +185,7 @@ def test_bf16_mixed_precision_distills_every_attention_variant(tmp_path, variant
     rules = [{**variant, "select": {"role": "attn"}}, {"do": "lora", "select": {"role": "attn.q"}, "with": {"r": 4}}]
     diff = make_diff(base, str(tmp_path / "d"), rules, perturb=0.3)  # distillation must undo the perturbation
     start = _params(surgeon.load(base, diff))
-    result = train(diff, [data_file(tmp_path)], out_dir=str(tmp_path / "out"), objective="distill", steps=30,
+    result = train_diff(diff, [data_file(tmp_path)], out_dir=str(tmp_path / "out"), objective="distill", steps=30,
                    lr=1e-2, mixed_precision="bf16", **FAST)  # fmt: skip
     assert all(math.isfinite(x) for x in result.losses)
     assert _mean(result.losses[-5:]) < _mean(result.losses[:5]), result.losses
@@ -280,11 +197,11 @@ def test_bf16_mixed_precision_distills_every_attention_variant(tmp_path, variant
 def test_mixed_precision_is_applied_and_must_be_known(tmp_path):
     base = make_base(tmp_path / "base")
     diff = make_diff(base, str(tmp_path / "d"), BITFIT_ATTN, perturb=0.5)
-    first = {mode: train(diff, [data_file(tmp_path)], out_dir=str(tmp_path / mode), objective="distill", steps=1,
+    first = {mode: train_diff(diff, [data_file(tmp_path)], out_dir=str(tmp_path / mode), objective="distill", steps=1,
                          mixed_precision=mode, **FAST).losses[0] for mode in ("no", "bf16")}  # fmt: skip
     assert first["no"] != first["bf16"] and first["bf16"] == pytest.approx(first["no"], rel=0.05)
-    with pytest.raises(SurgeonError, match="mixed-precision must be one of no, bf16, got 'fp8'"):
-        train(diff, [data_file(tmp_path)], out_dir=str(tmp_path / "o"), mixed_precision="fp8", **FAST)
+    with pytest.raises(SurgeonError, match=r"mixed_precision \(--mixed-precision\): Input should be 'auto', 'no' or 'bf16' \(got 'fp8'\)"):
+        train_diff(diff, [data_file(tmp_path)], out_dir=str(tmp_path / "o"), mixed_precision="fp8", **FAST)
 
 
 # ---- checkpoints, resume, interruption ------------------------------------------------------
@@ -301,18 +218,24 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(tmp_path):
     diff = make_diff(base, str(tmp_path / "d"), BITFIT_ATTN + [{"do": "unfreeze", "select": {"role": "attn.v"}}])
     data = [data_file(tmp_path)]
     args = dict(objective="mlm", steps=8, lr=1e-2, save_every=3, **FAST)
-    train(diff, data, out_dir=str(tmp_path / "whole"), **args)
+    train_diff(diff, data, out_dir=str(tmp_path / "whole"), **args)
     out = str(tmp_path / "parts")
     with pytest.raises(TrainingInterrupted, match="step 6.*--resume"):
-        train(diff, data, out_dir=out, callback=_stop_at(7), **args)
+        train_diff(diff, data, out_dir=out, callback=_stop_at(7), **args)
     assert not os.path.exists(out)
-    assert sorted(os.listdir(out + ".checkpoints")) == ["step-00000006"]  # older one replaced
+    assert step_dirs(out + ".checkpoints") == ["step-00000006"]  # older one replaced
     surgeon.load(base, out + ".checkpoints/step-00000006/diff")  # a checkpoint's diff is usable alone
     with pytest.raises(SurgeonError, match="pass --resume"):
-        train(diff, data, out_dir=out, **args)
-    with pytest.raises(SurgeonError, match="seq_len differs"):
-        train(diff, data, out_dir=out, resume=True, **{**args, "seq_len": 16})
-    result = train(diff, data, out_dir=out, resume=True, **args)
+        train_diff(diff, data, out_dir=out, **args)
+    # every changed setting is named, in one line
+    with pytest.raises(SurgeonError) as changed:
+        train_diff(diff, data, out_dir=out, resume=True, **{**args, "seq_len": 16, "lr": 2e-2, "seed": 3})
+    assert "\n" not in str(changed.value)
+    for part in ("seq_len (--seq-len): 32 there, 16 now", "lr (--lr): 0.01 there, 0.02 now", "seed (--seed): 0 there, 3 now"):
+        assert part in str(changed.value)
+    with pytest.raises(SurgeonError, match="the data files' content differs"):
+        train_diff(diff, [data_file(tmp_path, TEXT * 21, "other.txt")], out_dir=out, resume=True, **args)
+    result = train_diff(diff, data, out_dir=out, resume=True, **args)
     assert result.start_step == 6 and len(result.losses) == 2
     whole = load_file(os.path.join(tmp_path / "whole", "diff.safetensors"))
     parts = load_file(os.path.join(out, "diff.safetensors"))
@@ -325,7 +248,7 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(tmp_path):
 def test_time_limit_ends_the_run_early_and_still_writes(tmp_path):
     base = make_base(tmp_path / "base")
     diff = make_diff(base, str(tmp_path / "d"), BITFIT_ATTN)
-    result = train(diff, [data_file(tmp_path)], out_dir=str(tmp_path / "o"), objective="mlm", steps=1000,
+    result = train_diff(diff, [data_file(tmp_path)], out_dir=str(tmp_path / "o"), objective="mlm", steps=1000,
                    time_limit=0.0, **FAST)  # fmt: skip
     assert result.stopped_at == 0 and result.losses == []
     stored = load_file(os.path.join(tmp_path / "o", "diff.safetensors"))
@@ -337,10 +260,10 @@ def test_interrupt_before_first_checkpoint_says_nothing_to_resume(tmp_path):
     base = make_base(tmp_path / "base")
     diff = make_diff(base, str(tmp_path / "d"), BITFIT_ATTN)
     with pytest.raises(TrainingInterrupted, match="no checkpoint was written yet"):
-        train(diff, [data_file(tmp_path)], out_dir=str(tmp_path / "o"), objective="mlm", steps=9, save_every=5,
+        train_diff(diff, [data_file(tmp_path)], out_dir=str(tmp_path / "o"), objective="mlm", steps=9, save_every=5,
               callback=_stop_at(2), **FAST)  # fmt: skip
     with pytest.raises(SurgeonError, match="no checkpoint in"):
-        train(diff, [data_file(tmp_path)], out_dir=str(tmp_path / "o"), objective="mlm", steps=9, resume=True, **FAST)
+        train_diff(diff, [data_file(tmp_path)], out_dir=str(tmp_path / "o"), objective="mlm", steps=9, resume=True, **FAST)
 
 
 def test_sigterm_mid_run_then_resume(tmp_path):
@@ -353,7 +276,7 @@ def test_sigterm_mid_run_then_resume(tmp_path):
     proc = subprocess.Popen(cmd + ["--steps", "100000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env)  # fmt: skip
     deadline = time.time() + 400  # generous: a loaded or slow CPU; pytest-timeout bounds the test
-    while not os.path.isdir(out + ".checkpoints") or not os.listdir(out + ".checkpoints"):
+    while not step_dirs(out + ".checkpoints"):
         assert proc.poll() is None, proc.communicate()
         assert time.time() < deadline, "no checkpoint appeared"
         time.sleep(0.2)
@@ -362,7 +285,7 @@ def test_sigterm_mid_run_then_resume(tmp_path):
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "interrupted by SIGTERM" in err and "--resume" in err and "Traceback" not in err
     assert not os.path.exists(out)
-    (step_dir,) = os.listdir(out + ".checkpoints")
+    (step_dir,) = step_dirs(out + ".checkpoints")
     step = int(step_dir.split("-")[1])
     with open(os.path.join(out + ".checkpoints", step_dir, "state.json")) as handle:
         assert json.load(handle)["step"] == step
@@ -382,13 +305,13 @@ def test_bad_data_files(tmp_path):
     short = data_file(tmp_path, "tiny", "short.txt")
     out = str(tmp_path / "o")
     with pytest.raises(SurgeonError, match="empty.txt is empty"):
-        train(diff, [data_file(tmp_path), empty], out_dir=out, **FAST)
+        train_diff(diff, [data_file(tmp_path), empty], out_dir=out, **FAST)
     with pytest.raises(SurgeonError, match=r"latin.txt is not UTF-8 text \(byte 0xe9 at offset 3, line 1\)"):
-        train(diff, [str(latin)], out_dir=out, **FAST)
+        train_diff(diff, [str(latin)], out_dir=out, **FAST)
     with pytest.raises(SurgeonError, match="fewer than one sequence"):
-        train(diff, [short], out_dir=out, **FAST)
+        train_diff(diff, [short], out_dir=out, **FAST)
     with pytest.raises(SurgeonError, match="missing.txt not found"):
-        train(diff, [str(tmp_path / "missing.txt")], out_dir=out, **FAST)
+        train_diff(diff, [str(tmp_path / "missing.txt")], out_dir=out, **FAST)
     assert not os.path.exists(out)
 
 
@@ -398,17 +321,17 @@ def test_bad_settings(tmp_path):
     diff = make_diff(base, str(tmp_path / "d"), BITFIT_ATTN)
     out = str(tmp_path / "o")
     with pytest.raises(SurgeonError, match="seq-len 65 exceeds the model's 64 positions"):
-        train(diff, data, out_dir=out, seq_len=65, progress=False)
+        train_diff(diff, data, out_dir=out, seq_len=65, progress=False)
     frozen = make_diff(base, str(tmp_path / "frozen"), [{"do": "freeze", "select": {"role": "attn"}}])
     with pytest.raises(SurgeonError, match="nothing to train"):
-        train(frozen, data, out_dir=out, **FAST)
+        train_diff(frozen, data, out_dir=out, **FAST)
     with pytest.raises(SurgeonError, match="causal"):
-        train(diff, data, out_dir=out, objective="clm", **FAST)
+        train_diff(diff, data, out_dir=out, objective="clm", **FAST)
     other = make_base(tmp_path / "other", intermediate_size=40)
     with pytest.raises(SurgeonError, match="made on another base"):
-        train(diff, data, out_dir=out, base_dir=other, **FAST)
+        train_diff(diff, data, out_dir=out, base_dir=other, **FAST)
     with pytest.raises(SurgeonError, match="inside the input"):
-        train(diff, data, out_dir=os.path.join(diff, "x"), **FAST)
+        train_diff(diff, data, out_dir=os.path.join(diff, "x"), **FAST)
     assert not os.path.exists(out)
 
 
@@ -498,17 +421,17 @@ def _ddp_worker(diff, data, out, record):
     AcceleratorState._reset_state(True)
     PartialState._reset_state()
     torch.set_num_threads(1)
-    import surgeon.diff
-    from surgeon.train import train as train_fn
+    import surgeon.train.trainer
+    from surgeon.train import train_diff as train_fn
 
-    real_save = surgeon.diff.save_diff
+    real_save = surgeon.train.trainer.save_diff
 
     def spy(*args, **kwargs):
         with open(os.path.join(record, f"writes-{PartialState().process_index}.txt"), "a") as handle:
             handle.write(f"{args[1]}\n")
         return real_save(*args, **kwargs)
 
-    surgeon.diff.save_diff = spy
+    surgeon.train.trainer.save_diff = spy
     result = train_fn(diff, [data], out_dir=out, objective="mlm", steps=4, save_every=2, lr=1e-2,
                       seq_len=32, batch_size=2, progress=False)  # fmt: skip
     rank = PartialState().process_index

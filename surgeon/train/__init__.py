@@ -1,25 +1,28 @@
-"""Training patched models: data packing, objectives (distill / mlm / clm), the accelerate loop.
+"""Training patched models: a validated config, data packing, objectives, the accelerate loop.
 
-`surgeon.train(diff_dir, data_files, out_dir=..., objective=...)` trains; see `loop.train`.
+    from surgeon.train import TrainConfig, Trainer, train_diff
+    result = train_diff("runs/lora", ["corpus.txt"], out_dir="runs/trained", objective="mlm", steps=200)
 
-`surgeon.train` is both this package and the function: importing any submodule binds the
-package as the attribute `surgeon.train` (Python's import system), which would hide a function
-of the same name. So the package itself is callable and forwards to `loop.train`.
+`config` (TrainConfig, YAML loading) imports no torch; everything else is imported on first use,
+so the CLI can build its options from the config without loading torch.
 """
 
-import inspect
-import sys
-import types
+from .config import TrainConfig, load_train_config
 
-from .loop import TrainingInterrupted, TrainResult, train
-
-
-class _CallablePackage(types.ModuleType):
-    def __call__(self, *args, **kwargs) -> TrainResult:
-        return train(*args, **kwargs)
+_LAZY = {
+    "Trainer": "trainer",
+    "TrainResult": "trainer",
+    "train_diff": "trainer",
+    "TrainingInterrupted": "stopping",
+}
 
 
-sys.modules[__name__].__class__ = _CallablePackage
-__signature__ = inspect.signature(train)
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
 
-__all__ = ["TrainResult", "TrainingInterrupted", "train"]
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["TrainConfig", "TrainResult", "Trainer", "TrainingInterrupted", "load_train_config", "train_diff"]

@@ -17,7 +17,10 @@ teacher's forward — happens in `inputs(ids, generator)`, outside the DDP wrapp
   errors of the layers below (the "attention transfer" stage of LoLCATs, Zhang et al. 2024).
   The loss is then the layer terms alone. Meant as a first stage before an end-to-end one
   (e.g. `final: pooled`); in ad-hoc trials on the MiniLM fidelity cases it did not beat
-  end-to-end training alone.
+  end-to-end training alone. A student equal to its teacher (LoRA with B = 0, BitFit at the
+  base's biases) gives a loss of 0: the trainer refuses it at the first step
+  (`SAME_AS_TEACHER`), and objective auto picks distill only where attention is replaced
+  (`choose_objective`).
 - `mlm`: BERT masking (Devlin et al. 2019): 15 % of non-special tokens; of those 80 % →
   mask token, 10 % → random token, 10 % unchanged.
 - `clm`: next-token prediction (labels = inputs; the model shifts them).
@@ -30,10 +33,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attention.interface import variant_of
+from ..checkpoint import load_model
 from ..errors import SurgeonError
+from ..modelmap import ModelMap, routes_through_interface
+from .config import FINALS, OBJECTIVES
 
-OBJECTIVES = ("distill", "mlm", "clm")
-FINALS = ("hidden", "pooled", "logits", "none")
+# below this relative MSE the student equals the teacher to fp32 rounding (~1e-7 relative error)
+SAME_AS_TEACHER = 1e-10
 
 
 def _relative_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -99,7 +105,7 @@ class ClmObjective(nn.Module):
         return {"input_ids": ids}
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.net(input_ids=input_ids, labels=input_ids).loss
+        return self.net(input_ids=input_ids, labels=input_ids, use_cache=False).loss  # no cache in training
 
 
 class MlmObjective(nn.Module):
@@ -147,8 +153,6 @@ class DistillObjective(nn.Module):
         self.teacher = [teacher]  # a list keeps it out of this module: never trained, never wrapped by DDP
         self.final, self.final_weight, self.attn_weight = final, float(final_weight), float(attn_weight)
         self.layerwise = bool(layerwise)
-        from ..modelmap import ModelMap
-
         attn = [t.path for t in ModelMap(model).targets() if "attn" in t.roles and t.fused is None
                 and t.path and t.module is not None and _is_attention_module(t)]  # fmt: skip
         patched = [p for p in attn if variant_of(model.get_submodule(p)) is not None]
@@ -162,7 +166,10 @@ class DistillObjective(nn.Module):
         if self.layerwise and not self.paths:
             raise SurgeonError("train: distill layerwise needs attention modules to compare; the model has none")
         self._captured: dict[str, torch.Tensor] = {}
-        self._forced: dict[str, torch.Tensor] = {}  # layerwise: the teacher's input of each module
+        self._capturing = False
+        # layerwise: the teacher's input of each module; kept until the next forward, since
+        # gradient checkpointing's recompute in the backward pass must see the same inputs
+        self._forced: dict[str, torch.Tensor] = {}
         self._teacher_modules = {p: teacher.get_submodule(p) for p in self.paths}
         self._handles = [model.get_submodule(p).register_forward_hook(self._hook(p)) for p in self.paths]
         if self.layerwise:
@@ -174,10 +181,13 @@ class DistillObjective(nn.Module):
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self._forced = {}
 
     def _hook(self, path: str):
         def capture(module, args, output):
-            self._captured[path] = _first(output)  # (B, n, H·D)
+            # gradient checkpointing re-runs the layer in the backward pass: that output is not kept
+            if self._capturing:
+                self._captured[path] = _first(output)  # (B, n, H·D)
 
         return capture
 
@@ -223,14 +233,18 @@ class DistillObjective(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, **targets) -> torch.Tensor:
         self._captured.clear()
+        self._capturing = True
+        try:
+            return self._loss(input_ids, targets)
+        finally:
+            self._capturing = False
+            self._captured.clear()
+
+    def _loss(self, input_ids: torch.Tensor, targets: dict) -> torch.Tensor:
         if self.layerwise:
             self._forced = {p: targets[f"in_{i}"] for i, p in enumerate(self.paths)}
-            try:
-                self.student(input_ids=input_ids)
-            finally:
-                self._forced = {}
+            self.student(input_ids=input_ids)
             parts = [_relative_mse(self._captured[p], targets[f"attn_{i}"]) for i, p in enumerate(self.paths)]
-            self._captured.clear()
             return torch.stack(parts).mean()
         out = self.student(input_ids=input_ids, output_hidden_states=self.final in ("hidden", "pooled"))
         loss = input_ids.new_zeros((), dtype=torch.float32)
@@ -248,7 +262,6 @@ class DistillObjective(nn.Module):
             log_p = F.log_softmax(out.logits.float(), dim=-1)
             log_q = F.log_softmax(targets["final"].float(), dim=-1)
             loss = loss + self.final_weight * F.kl_div(log_p, log_q, log_target=True, reduction="none").sum(-1).mean()
-        self._captured.clear()
         return loss
 
 
@@ -269,6 +282,36 @@ def _with_hidden_states(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tupl
 
 
 def _is_attention_module(target) -> bool:
-    from ..modelmap import routes_through_interface
-
     return routes_through_interface(target.module) or variant_of(target.module) is not None
+
+
+def has_attention_variant(model: nn.Module) -> bool:
+    """Does the patched model replace some attention module by an efficient variant?"""
+    return any(variant_of(m) is not None for m in model.modules())
+
+
+def choose_objective(model: nn.Module) -> tuple[str, str]:
+    """objective auto: (objective, why). distill only where some attention differs from the base
+    (a diff of LoRA/BitFit alone starts equal to the base, so distilling it learns nothing)."""
+    if has_attention_variant(model):
+        return "distill", "some attention is replaced by an efficient variant: calibrate it to the dense base"
+    unchanged = "the diff replaces no attention, so distill would compare the model with itself"
+    if is_causal_model(model):
+        return "clm", f"{unchanged}; the model is causal"
+    return "mlm", f"{unchanged}; the model is bidirectional"
+
+
+def build_objective(
+    objective: str, model, tokenizer, base_dir: str, *, final: str, final_weight: float,
+    attn_weight: float = 1.0, layerwise: bool = False, allow_pickle: bool = False,
+) -> nn.Module:  # fmt: skip
+    if objective not in OBJECTIVES:
+        raise SurgeonError(f"train: unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
+    if objective == "clm":
+        return ClmObjective(model, tokenizer)
+    if objective == "mlm":
+        return MlmObjective(model, tokenizer)
+    teacher, _ = load_model(base_dir, allow_pickle=allow_pickle)
+    teacher.requires_grad_(False).eval()
+    return DistillObjective(model, teacher, final=final, final_weight=final_weight, attn_weight=attn_weight,
+                            layerwise=layerwise)
