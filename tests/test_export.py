@@ -368,13 +368,13 @@ def test_streaming_in_row_blocks_gives_the_same_tensors(exported, key, path, tmp
     """Big tensors are merged a few rows at a time (linear rows, Conv1D/Embedding columns of A,
     fused slices); force tiny blocks on tiny models and compare with the one-block export —
     also through the generic path that slices a whole `piece.delta()`."""
-    import surgeon.export as export_module
+    import surgeon.export.write as export_module
 
     cases, _ = exported
     _, diff, out, _ = cases[key]
     monkeypatch.setattr(export_module, "_BLOCK_BYTES", 3 * 4 * 32)  # 3 rows of a 32-wide fp32 tensor
     if path == "full_delta":
-        monkeypatch.setattr(export_module, "_lora_adapter_of", lambda piece: None)
+        monkeypatch.setattr(export_module, "lora_adapter_of", lambda piece: None)
     again = str(tmp_path / "again")
     export_merged(diff, again, progress=False)
     want, got = _all_tensors(out), _all_tensors(again)
