@@ -45,8 +45,12 @@ def export_cmd(diff_dir, out_dir, base_dir, fmt, adapters, force, no_progress):
         diff_dir, out_dir, base_dir, progress=not no_progress, adapters=list(adapters) or None, overwrite=force
     )
     changed = f"; config changed: {', '.join(summary['config_changes'])}" if summary["config_changes"] else ""
+    native = ""
+    if "architecture" in summary:  # attention surgery: written as the architecture that computes it
+        usage = ", ".join(f"{key} {value}" for key, value in summary["usage"].items())
+        native = f"{summary['architecture']} converted from {summary['source_architecture']} ({usage}; see README.md), "
     click.echo(
-        f"wrote {out_dir}: {summary['tensors']} tensors ({summary['bytes'] / 2**20:.1f} MiB), "
+        f"wrote {out_dir}: {native}{summary['tensors']} tensors ({summary['bytes'] / 2**20:.1f} MiB), "
         f"{summary['merged']} with LoRA merged, {summary['from_diff']} from the diff{changed}"
     )
 

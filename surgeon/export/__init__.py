@@ -12,8 +12,8 @@ The PEFT format lives in `surgeon.peft_io`.
 """
 
 from .hf import export_merged
-from .meta_diff import LORA_MARK, MetaDiff, assign_tensors, open_meta_diff
 from .mergeable import mergeability_problems
+from .meta_diff import LORA_MARK, MetaDiff, assign_tensors, open_meta_diff
 from .stream import ShardReader, ShardWriter
 
 __all__ = [

@@ -1,5 +1,6 @@
-"""`surgeon export --format hf` on a diff that keeps its base's attention: the diff merged into
-its base, written as a plain Hugging Face checkpoint of the same architecture.
+"""`surgeon export --format hf`: the diff merged into its base, written as a plain Hugging Face
+checkpoint — of the base's own architecture, or, when attention surgery changed the function,
+of the transformers architecture that computes it (`native.py`: Longformer, Mistral, Qwen2).
 
 The output is what `transformers.AutoModel.from_pretrained(OUT)` loads with no surgeon
 installed: config.json (with the recipe's config changes, e.g. extended positions), the base's
@@ -13,13 +14,13 @@ from __future__ import annotations
 
 from ..diff import read_manifest
 from ..errors import SurgeonError
-from ..fsutil import atomic_dir, check_output
+from ..fsutil import check_output
 from ..lora.merge import merge_pieces
-from .meta_diff import MetaDiff, open_meta_diff
 from .mergeable import mergeability_problems
-from .plan import Layout, plan_merged
-from .stream import ReaderPool
-from .write import copy_small_files, write_config, write_index, write_shards
+from .meta_diff import open_meta_diff
+from .native import export_native
+from .plan import plan_merged
+from .write import write_checkpoint
 
 
 def export_merged(
@@ -35,43 +36,21 @@ def export_merged(
 
     `adapters`: which LoRA adapters to merge (default: what `surgeon.lora.merge.merge_pieces`
     merges by default). The output is written atomically; on any error nothing is left behind.
+    A diff with attention surgery is written as its native architecture (`export_native`) or
+    refused, naming the modules and pointing at `--format surgeon`.
     """
     manifest = read_manifest(diff_dir)
     base_dir = base_dir or manifest["base"]["path"]
     check_output(out_dir, [base_dir, diff_dir], overwrite=overwrite)
     meta = open_meta_diff(diff_dir, base_dir)
+    if any(rule.attention for rule in meta.surgery.rules):
+        return export_native(meta, out_dir, adapters=adapters, progress=progress, overwrite=overwrite)
     problems = mergeability_problems(meta)
     if problems:
         raise SurgeonError(
             f"{diff_dir} cannot be exported as a merged checkpoint:\n" + "\n".join(f"  {p}" for p in problems)
         )
     layout, config = plan_merged(meta, merge_pieces(meta.model, adapters), adapters)
-    return write_checkpoint(meta, layout, out_dir, config_changes=config, progress=progress, overwrite=overwrite)
-
-
-def write_checkpoint(
-    meta: MetaDiff,
-    layout: Layout,
-    out_dir: str,
-    *,
-    config_changes: dict,
-    whole_config: dict | None = None,
-    extra_files: dict[str, str] | None = None,
-    sharded: bool | None = None,
-    progress: bool = True,
-    overwrite: bool = False,
-    desc: str = "export",
-) -> dict:
-    """Stream `layout` into `out_dir` atomically with its index, config.json (the base's with
-    `config_changes`, or `whole_config`), the base's small files and `extra_files` (name -> text)."""
-    with ReaderPool() as readers, atomic_dir(out_dir, [meta.base_dir, meta.diff_dir], overwrite=overwrite) as tmp:
-        written = write_shards(tmp, meta, layout, readers, progress=progress, desc=desc)
-        write_index(tmp, meta, layout, written["bytes"], sharded=sharded)
-        write_config(tmp, meta, config_changes, whole=whole_config)
-        written["copied"], written["skipped"] = copy_small_files(meta.base_dir, tmp, meta.info)
-        for name, text in (extra_files or {}).items():
-            with open(f"{tmp}/{name}", "w", encoding="utf-8") as handle:
-                handle.write(text)
-    written["out_dir"] = out_dir
-    written["config_changes"] = sorted(config_changes)
-    return written
+    return write_checkpoint(
+        meta, layout, out_dir, config_changes=config, progress=progress, overwrite=overwrite
+    )

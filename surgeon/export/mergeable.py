@@ -1,4 +1,4 @@
-"""Which changes of a diff have no merged, plain-transformers form."""
+"""Which changes of a diff have no merged form (attention variants are the converters' call)."""
 
 from __future__ import annotations
 
@@ -7,23 +7,10 @@ from ..lora.merge import non_mergeable
 from .meta_diff import LORA_MARK, MetaDiff
 
 
-def shown(paths: list[str], limit: int = 3) -> str:
-    """'a, b, c, … (+4)': a few module paths for a one-line message."""
-    more = f", … (+{len(paths) - limit})" if len(paths) > limit else ""
-    return ", ".join(paths[:limit]) + more
-
-
-def mergeability_problems(meta: MetaDiff, *, attention: bool = True) -> list[str]:
-    """One line per change with no plain-transformers equivalent. `attention=False` leaves the
-    efficient-attention rules to the caller (a native-architecture export may hold them)."""
+def mergeability_problems(meta: MetaDiff) -> list[str]:
+    """One line per added thing that cannot be folded into the weights: bottleneck adapters, and
+    any added tensor that is neither LoRA nor an attention variant's own."""
     problems = list(non_mergeable(meta.model))
-    if attention:
-        for rule in meta.surgery.rules:
-            if rule.attention:
-                problems.append(
-                    f"{rule.label} at {rule.where} replaced the attention of {shown(rule.attention)}: an "
-                    "efficient-attention variant has no plain-transformers equivalent, so it cannot be exported merged"
-                )
     if not problems:
         others = [n for n in meta.added_names() if LORA_MARK not in n and f".{VARIANT_ATTR}." not in n]
         if others:

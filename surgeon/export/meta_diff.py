@@ -77,7 +77,9 @@ def open_meta_diff(diff_dir: str, base_dir: str | None = None) -> MetaDiff:
     if derived:
         missing = [n for n in derived if n not in info.weight_map]
         if missing:
-            raise CheckpointError(f"{base_dir}: the recipe resizes {missing[0]}, which the checkpoint does not store")
+            raise CheckpointError(
+                f"{base_dir}: the recipe resizes {missing[0]}, which the checkpoint does not store"
+            )
         with ReaderPool() as readers:
             real = {n: readers.get(os.path.join(info.directory, info.weight_map[n])).read(n) for n in derived}
         model, surgery, changes = _patch_meta(base_dir, recipes, real)

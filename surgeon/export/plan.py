@@ -49,7 +49,7 @@ class OutTensor:
 
     def renamed(self, name: str, **changes) -> OutTensor:
         """A copy written under another name (its pieces list is copied, not shared)."""
-        return replace(self, name=name, pieces=list(self.pieces), **changes)
+        return replace(self, name=name, **{"pieces": list(self.pieces), **changes})
 
 
 def plan_merged(meta: MetaDiff, pieces, adapters) -> tuple[Layout, dict]:
@@ -58,7 +58,9 @@ def plan_merged(meta: MetaDiff, pieces, adapters) -> tuple[Layout, dict]:
     layout: Layout = {file: {} for file in info.files}
     for name, (tag, shape) in info.tensors.items():
         if tag not in DTYPES:
-            raise CheckpointError(f"{info.directory}: tensor {name} has dtype {tag}, which export does not handle")
+            raise CheckpointError(
+                f"{info.directory}: tensor {name} has dtype {tag}, which export does not handle"
+            )
         file = info.weight_map[name]
         layout[file][name] = OutTensor(name, DTYPES[tag], tuple(shape), ("base", file, name))
     config = dict(meta.config_changes)
@@ -68,7 +70,9 @@ def plan_merged(meta: MetaDiff, pieces, adapters) -> tuple[Layout, dict]:
         if name in info.weight_map:
             continue
         if source not in info.weight_map:
-            raise CheckpointError(f"{meta.base_dir}: the checkpoint stores neither {name} nor {source}, which it is tied to")
+            raise CheckpointError(
+                f"{meta.base_dir}: the checkpoint stores neither {name} nor {source}, which it is tied to"
+            )
         base = layout[info.weight_map[source]][source]
         layout[info.weight_map[source]][name] = base.renamed(name)
         config["tie_word_embeddings"] = False  # else transformers re-ties them on load
@@ -77,8 +81,12 @@ def plan_merged(meta: MetaDiff, pieces, adapters) -> tuple[Layout, dict]:
     params = dict(meta.model.named_parameters())
     for name in meta.trained_base_names() + meta.derived:
         if name not in outs:
-            raise CheckpointError(f"{meta.base_dir}: the patched model's tensor {name} is not stored in the checkpoint")
-        outs[name].source = ("diff", DIFF_FILE, name) if name in meta.surgery.ledger.trainable else ("model", "", name)
+            raise CheckpointError(
+                f"{meta.base_dir}: the patched model's tensor {name} is not stored in the checkpoint"
+            )
+        outs[name].source = (
+            ("diff", DIFF_FILE, name) if name in meta.surgery.ledger.trainable else ("model", "", name)
+        )
         outs[name].shape = tuple(params[name].shape)
     # buffers the recipe resized (extend_positions: position_ids), where the checkpoint has them
     for name, buffer in meta.model.named_buffers():

@@ -64,7 +64,9 @@ class ShardReader:
         begin, end = entry["data_offsets"]
         row = tensor.element_size() * numel(shape[1:])
         if end - begin != row * (shape[0] if shape else 1):
-            raise CheckpointError(f"{self.path}: tensor {name} has {end - begin} bytes, its shape needs more or fewer")
+            raise CheckpointError(
+                f"{self.path}: tensor {name} has {end - begin} bytes, its shape needs more or fewer"
+            )
         raw = bytes_of(tensor)
         self.handle.seek(self.data_start + begin + start * row)
         view, done = memoryview(raw), 0
@@ -119,7 +121,11 @@ class ShardWriter:
         self.sizes = []
         for name, dtype, shape in plan:
             size = numel(shape) * torch.empty((), dtype=dtype).element_size()
-            header[name] = {"dtype": TAGS[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            header[name] = {
+                "dtype": TAGS[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + size],
+            }
             self.sizes.append(size)
             offset += size
         self.total = offset

@@ -22,13 +22,25 @@ import torch
 
 from ..checkpoint import INDEX, CheckpointInfo
 from ..errors import CheckpointError, SurgeonError
+from ..fsutil import atomic_dir
 from ..lora.layer import LoraAdapter
 from .meta_diff import MetaDiff
 from .plan import Layout, OutTensor
 from .stream import ReaderPool, ShardReader, ShardWriter, all_finite, bytes_of, numel
 
 # Files that hold weights of the base: copying them would ship stale, unmerged weights.
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf", ".ot")
+_WEIGHT_SUFFIXES = (
+    ".safetensors",
+    ".bin",
+    ".pt",
+    ".pth",
+    ".ckpt",
+    ".h5",
+    ".msgpack",
+    ".onnx",
+    ".gguf",
+    ".ot",
+)
 _BLOCK_BYTES = 16 * 2**20  # fp32 bytes of one block of rows
 
 
@@ -37,7 +49,9 @@ def ordered(layout: Layout) -> dict[str, list[OutTensor]]:
     return {file: [outs[n] for n in sorted(outs)] for file, outs in layout.items() if outs}
 
 
-def write_shards(tmp: str, meta: MetaDiff, layout: Layout, readers: ReaderPool, *, progress: bool, desc: str) -> dict:
+def write_shards(
+    tmp: str, meta: MetaDiff, layout: Layout, readers: ReaderPool, *, progress: bool, desc: str
+) -> dict:
     """Write every planned shard into `tmp`; return counts (tensors, merged, from_diff, bytes)."""
     from tqdm.auto import tqdm
 
@@ -46,11 +60,17 @@ def write_shards(tmp: str, meta: MetaDiff, layout: Layout, readers: ReaderPool, 
         if name in meta.info.weight_map:
             check_base_hash(name, digest, meta, readers)
     written = {"tensors": 0, "merged": 0, "from_diff": 0, "bytes": 0}
-    with tqdm(total=sum(len(outs) for outs in files.values()), desc=desc, unit="tensor", disable=not progress) as bar:
+    with tqdm(
+        total=sum(len(outs) for outs in files.values()), desc=desc, unit="tensor", disable=not progress
+    ) as bar:
         for file, outs in files.items():
             base_file = os.path.join(meta.base_dir, file)
             metadata = readers.get(base_file).metadata if os.path.isfile(base_file) else {}
-            writer = ShardWriter(os.path.join(tmp, file), [(o.name, o.dtype, o.shape) for o in outs], metadata or {"format": "pt"})
+            writer = ShardWriter(
+                os.path.join(tmp, file),
+                [(o.name, o.dtype, o.shape) for o in outs],
+                metadata or {"format": "pt"},
+            )
             try:
                 for out in outs:
                     stream_tensor(out, meta, readers, writer)
@@ -82,7 +102,9 @@ def stream_tensor(out: OutTensor, meta: MetaDiff, readers: ReaderPool, writer: S
     else:
         whole = out.transform(torch.cat(list(merged_blocks(out, meta, readers))))
         if tuple(whole.shape) != out.shape or whole.dtype != out.dtype:
-            raise RuntimeError(f"export bug: {out.name} became {whole.dtype} {tuple(whole.shape)}, planned {out.shape}")
+            raise RuntimeError(
+                f"export bug: {out.name} became {whole.dtype} {tuple(whole.shape)}, planned {out.shape}"
+            )
         writer.append(whole)
     writer.end()
 
@@ -107,7 +129,11 @@ def merged_blocks(out: OutTensor, meta: MetaDiff, readers: ReaderPool):
                 tensor.copy_(work)  # round once
             del work
         if tensor.is_floating_point() and not all_finite(tensor):
-            what = "merging LoRA into it" if deltas else f"reading it from {out.source[1] or 'the patched model'}"
+            what = (
+                "merging LoRA into it"
+                if deltas
+                else f"reading it from {out.source[1] or 'the patched model'}"
+            )
             raise SurgeonError(f"tensor {out.name} is not finite after {what}; nothing was written")
         yield tensor
         del tensor
@@ -126,7 +152,9 @@ def _source(out: OutTensor, meta: MetaDiff, readers: ReaderPool):
         return lambda start, stop: whole[start:stop].clone() if whole.dim() else whole.clone()
     reader = _reader(readers, meta, out.source)
     if reader.shape(name) != shape:
-        raise CheckpointError(f"{reader.path}: tensor {name} has shape {reader.shape(name)}, expected {shape}")
+        raise CheckpointError(
+            f"{reader.path}: tensor {name} has shape {reader.shape(name)}, expected {shape}"
+        )
     return lambda start, stop: reader.read_rows(name, start, stop)
 
 
@@ -140,7 +168,9 @@ def check_base_hash(name: str, digest: str, meta: MetaDiff, readers: ReaderPool)
     for start in range(0, rows, block):
         sha.update(bytes_of(reader.read_rows(name, start, min(rows, start + block))).tobytes())
     if sha.hexdigest() != digest:
-        raise CheckpointError(f"{meta.diff_dir} was made on another base: the content of {name} in {meta.base_dir} differs")
+        raise CheckpointError(
+            f"{meta.diff_dir} was made on another base: the content of {name} in {meta.base_dir} differs"
+        )
 
 
 class RowDelta:
@@ -223,7 +253,9 @@ def lora_adapter_of(piece):
     return owner if isinstance(owner, LoraAdapter) else None
 
 
-def write_index(tmp: str, meta: MetaDiff, layout: Layout, total_bytes: int, *, sharded: bool | None = None) -> None:
+def write_index(
+    tmp: str, meta: MetaDiff, layout: Layout, total_bytes: int, *, sharded: bool | None = None
+) -> None:
     """model.safetensors.index.json for a sharded output, keeping the base index's metadata."""
     if not (meta.info.sharded if sharded is None else sharded):
         return
@@ -276,3 +308,34 @@ def copy_small_files(base_dir: str, tmp: str, info: CheckpointInfo) -> tuple[lis
             shutil.copytree(path, os.path.join(tmp, entry))
             copied.append(entry + "/")
     return copied, skipped
+
+
+def write_checkpoint(
+    meta: MetaDiff,
+    layout: Layout,
+    out_dir: str,
+    *,
+    config_changes: dict,
+    whole_config: dict | None = None,
+    extra_files: dict[str, str] | None = None,
+    sharded: bool | None = None,
+    progress: bool = True,
+    overwrite: bool = False,
+    desc: str = "export",
+) -> dict:
+    """Stream `layout` into `out_dir` atomically with its index, config.json (the base's with
+    `config_changes`, or `whole_config`), the base's small files and `extra_files` (name -> text)."""
+    with (
+        ReaderPool() as readers,
+        atomic_dir(out_dir, [meta.base_dir, meta.diff_dir], overwrite=overwrite) as tmp,
+    ):
+        written = write_shards(tmp, meta, layout, readers, progress=progress, desc=desc)
+        write_index(tmp, meta, layout, written["bytes"], sharded=sharded)
+        write_config(tmp, meta, config_changes, whole=whole_config)
+        written["copied"], written["skipped"] = copy_small_files(meta.base_dir, tmp, meta.info)
+        for name, text in (extra_files or {}).items():
+            with open(f"{tmp}/{name}", "w", encoding="utf-8") as handle:
+                handle.write(text)
+    written["out_dir"] = out_dir
+    written["config_changes"] = sorted(config_changes)
+    return written
