@@ -1,4 +1,5 @@
-"""CLI: `surgeon export` (merged HF checkpoint or PEFT adapter) and `surgeon import-peft`.
+"""CLI: `surgeon export` (HF checkpoint, self-contained surgeon directory, PEFT adapter) and
+`surgeon import-peft`.
 
 Registered on the `surgeon` group in cli.py with `cli.add_command(...)`.
 """
@@ -15,8 +16,9 @@ from .cli_common import friendly, quiet_transformers
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output directory.")
 @click.option("--base", "base_dir", type=click.Path(file_okay=False), help="Base model dir (default: the one in the manifest).")
 @click.option(
-    "--format", "fmt", type=click.Choice(["hf", "peft"]), default="hf", show_default=True,
-    help="hf: a plain transformers checkpoint with LoRA merged; peft: a PEFT LoRA adapter directory.",
+    "--format", "fmt", type=click.Choice(["hf", "surgeon", "peft"]), default="hf", show_default=True,
+    help="hf: a plain transformers checkpoint with LoRA merged (attention surgery as Longformer/Mistral/Qwen2); "
+    "surgeon: one self-contained directory for any surgery (surgeon.load(OUT)); peft: a PEFT LoRA adapter.",
 )  # fmt: skip
 @click.option("--adapter", "adapters", multiple=True, help="LoRA adapter(s) to export (repeatable; peft: exactly one).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists (atomically).")
@@ -24,7 +26,9 @@ from .cli_common import friendly, quiet_transformers
 @friendly
 def export_cmd(diff_dir, out_dir, base_dir, fmt, adapters, force, no_progress):
     """Export DIFF_DIR: merged into its base as a plain Hugging Face checkpoint (streamed tensor by
-    tensor, never the whole model in memory), or as a PEFT adapter (--format peft)."""
+    tensor, never the whole model in memory; attention surgery as Longformer / Mistral / Qwen2),
+    as one self-contained directory for any surgery (--format surgeon), or as a PEFT adapter
+    (--format peft)."""
     from .errors import SurgeonError
 
     quiet_transformers()
@@ -37,6 +41,20 @@ def export_cmd(diff_dir, out_dir, base_dir, fmt, adapters, force, no_progress):
         click.echo(
             f"wrote {out_dir}: PEFT LoRA adapter on {len(config['target_modules'])} modules "
             f"(r={config['r']}, lora_alpha={config['lora_alpha']})"
+        )
+        return
+    if fmt == "surgeon":
+        from .export.self_contained import export_self_contained
+
+        summary = export_self_contained(
+            diff_dir, out_dir, base_dir, progress=not no_progress, adapters=list(adapters) or None, overwrite=force
+        )
+        lora = summary["lora"]
+        click.echo(
+            f"wrote {out_dir}: {summary['tensors']} base tensors ({summary['bytes'] / 2**20:.1f} MiB, "
+            f"{summary['merged']} with LoRA merged), {summary['added']} added tensors, {summary['rules']} rules "
+            f"re-applied on load; LoRA merged: {', '.join(lora['merged']) or 'none'}, kept: "
+            f"{', '.join(lora['kept']) or 'none'}; load with surgeon.load({out_dir!r})"
         )
         return
     from .export import export_merged

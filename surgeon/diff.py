@@ -198,28 +198,12 @@ def load_recipes(diff_dir: str, manifest: dict) -> list[Recipe]:
     return recipes
 
 
-def load(base_dir: str | None, diff_dir: str, *, allow_pickle: bool = False):
-    """Load `base_dir`, re-apply the diff's recipes, load its tensors strictly; return the model."""
+def copy_stored_tensors(model, path: str, expected: set[str]) -> None:
+    """Copy into the model, in place and shape-checked, the tensors of the safetensors file at
+    `path`, which must hold exactly `expected` (names of the model's parameters and buffers).
+    In place, not by assignment: a tensor other modules hold a reference to stays shared."""
     from safetensors import SafetensorError, safe_open
 
-    manifest = read_manifest(diff_dir)
-    base_dir = base_dir or manifest["base"]["path"]
-    info = inspect_checkpoint(base_dir, allow_pickle=allow_pickle)
-    check_base(manifest, info, diff_dir)
-    recipes = load_recipes(diff_dir, manifest)
-    model, _ = load_model(base_dir, allow_pickle=allow_pickle)
-    params = dict(model.named_parameters())
-    for name, digest in manifest["base"].get("replaced_sha256", {}).items():
-        if name not in params:
-            raise CheckpointError(f"{diff_dir}: base {base_dir} has no parameter {name}")
-        if tensor_hash(params[name]) != digest:
-            raise CheckpointError(
-                f"{diff_dir} was made on another base: the content of {name} in {base_dir} differs"
-            )
-    for recipe in recipes:
-        patch(model, recipe)
-    expected = set(surgery_of(model).ledger.diff_names())
-    path = os.path.join(diff_dir, DIFF_FILE)
     state = dict(model.named_parameters())
     state.update(dict(model.named_buffers()))
     try:
@@ -236,8 +220,29 @@ def load(base_dir: str | None, diff_dir: str, *, allow_pickle: bool = False):
                         )
                     target.copy_(tensor.to(target.dtype))
     except FileNotFoundError:
-        raise CheckpointError(f"{diff_dir}: no {DIFF_FILE}") from None
+        raise CheckpointError(f"{os.path.dirname(path) or '.'}: no {os.path.basename(path)}") from None
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({exc})") from None
+
+
+def load(base_dir: str | None, diff_dir: str, *, allow_pickle: bool = False):
+    """Load `base_dir`, re-apply the diff's recipes, load its tensors strictly; return the model."""
+    manifest = read_manifest(diff_dir)
+    base_dir = base_dir or manifest["base"]["path"]
+    info = inspect_checkpoint(base_dir, allow_pickle=allow_pickle)
+    check_base(manifest, info, diff_dir)
+    recipes = load_recipes(diff_dir, manifest)
+    model, _ = load_model(base_dir, allow_pickle=allow_pickle)
+    params = dict(model.named_parameters())
+    for name, digest in manifest["base"].get("replaced_sha256", {}).items():
+        if name not in params:
+            raise CheckpointError(f"{diff_dir}: base {base_dir} has no parameter {name}")
+        if tensor_hash(params[name]) != digest:
+            raise CheckpointError(
+                f"{diff_dir} was made on another base: the content of {name} in {base_dir} differs"
+            )
+    for recipe in recipes:
+        patch(model, recipe)
+    copy_stored_tensors(model, os.path.join(diff_dir, DIFF_FILE), set(surgery_of(model).ledger.diff_names()))
     model.eval()
     return model

@@ -63,7 +63,9 @@ def _minilm_inputs(minilm_dir: str) -> dict:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(minilm_dir)
-    long = " ".join(["Surgery turns a dense encoder into a sliding-window one that ships as Longformer."] * 12)
+    long = " ".join(
+        ["Surgery turns a dense encoder into a sliding-window one that ships as Longformer."] * 12
+    )
     return dict(tok([long, "A short sentence, padded on the right."], padding=True, return_tensors="pt"))
 
 
@@ -126,7 +128,9 @@ def test_native_decoder_generates_the_same_tokens(native, key):
     base, diff, *_ = cases[key]
     prompt = cases[key][3]["input_ids"][:1, :6]
     patched = surgeon.load(base, diff)
-    want = patched.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=40, do_sample=False, pad_token_id=0)
+    want = patched.generate(
+        prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=40, do_sample=False, pad_token_id=0
+    )
     assert torch.equal(plain[f"{key}:tokens"], want)
 
 
@@ -134,9 +138,15 @@ def test_longformer_config_and_readme_record_what_to_pass(native):
     cases, _ = native
     _, _, out, *_ = cases["bert_cls"]
     config = json.load(open(os.path.join(out, "config.json")))
-    assert config["model_type"] == "longformer" and config["architectures"] == ["LongformerForSequenceClassification"]
+    assert config["model_type"] == "longformer" and config["architectures"] == [
+        "LongformerForSequenceClassification"
+    ]
     assert config["global_attention_positions"] == [0, 3]
-    assert config["attention_window"] == [132, 6, 6]  # layer 0 stayed dense: the first multiple of 6 >= 2 * 64
+    assert config["attention_window"] == [
+        132,
+        6,
+        6,
+    ]  # layer 0 stayed dense: the first multiple of 6 >= 2 * 64
     assert config["max_position_embeddings"] == 64 + 1  # BERT's table shifted below padding_idx + 1 = 1
     readme = open(os.path.join(out, "README.md")).read()
     assert "global_attention_mask[:, [0, 3]] = 1" in readme
@@ -146,7 +156,9 @@ def test_longformer_config_and_readme_record_what_to_pass(native):
 def test_sharded_base_keeps_its_shard_names(native):
     cases, _ = native
     base, _, out, *_ = cases["roberta_mlm"]
-    base_files = set(json.load(open(os.path.join(base, "model.safetensors.index.json")))["weight_map"].values())
+    base_files = set(
+        json.load(open(os.path.join(base, "model.safetensors.index.json")))["weight_map"].values()
+    )
     out_index = json.load(open(os.path.join(out, "model.safetensors.index.json")))
     assert set(out_index["weight_map"].values()) == base_files
     assert sorted(f for f in os.listdir(out) if f.endswith(".safetensors")) == sorted(base_files)
@@ -157,7 +169,9 @@ def test_minilm_export_keeps_tokenizer_and_model_card(native, minilm_dir):
     cases, _ = native
     _, _, out, *_ = cases["minilm"]
     for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json"):
-        assert open(os.path.join(minilm_dir, name), "rb").read() == open(os.path.join(out, name), "rb").read(), name
+        assert (
+            open(os.path.join(minilm_dir, name), "rb").read() == open(os.path.join(out, name), "rb").read()
+        ), name
     readme = open(os.path.join(out, "README.md")).read()
     assert readme.startswith(open(os.path.join(minilm_dir, "README.md")).read().rstrip())
     assert "## Exported by surgeon" in readme
@@ -165,7 +179,9 @@ def test_minilm_export_keeps_tokenizer_and_model_card(native, minilm_dir):
 
 def test_cli_names_the_architecture(tmp_path):
     base = save_base("llama", str(tmp_path / "base"))
-    diff = make_diff(base, str(tmp_path / "diff"), {"surgeon": 1, "rules": [_sliding({"role": "attn"}, window=4)]})
+    diff = make_diff(
+        base, str(tmp_path / "diff"), {"surgeon": 1, "rules": [_sliding({"role": "attn"}, window=4)]}
+    )
     result = CliRunner().invoke(export_cmd, [diff, "-o", str(tmp_path / "out"), "--no-progress"])
     assert result.exit_code == 0, result.output
     assert "MistralForCausalLM converted from LlamaForCausalLM (sliding_window 4" in result.output

@@ -10,6 +10,7 @@ tensor's bytes as they are produced.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 
@@ -111,7 +112,8 @@ def bytes_of(tensor: torch.Tensor):
 
 class ShardWriter:
     """Writes a safetensors file tensor by tensor: the header is computed from the planned
-    (name, dtype, shape) list first, then each tensor's bytes are appended in that order."""
+    (name, dtype, shape) list first, then each tensor's bytes are appended in that order.
+    `sha256` is the digest of every byte written, header included (the file's fingerprint)."""
 
     def __init__(self, path: str, plan: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict):
         self.path = path
@@ -132,8 +134,13 @@ class ShardWriter:
         text = json.dumps(header, separators=(",", ":")).encode()
         text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
         self.handle = open(path, "wb")
-        self.handle.write(struct.pack("<Q", len(text)) + text)
+        self.sha256 = hashlib.sha256()
+        self._write(struct.pack("<Q", len(text)) + text)
         self.next = 0
+
+    def _write(self, data) -> None:
+        self.handle.write(data)
+        self.sha256.update(data)
 
     def begin(self, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
         expected, want_dtype, want_shape = self.plan[self.next]
@@ -149,7 +156,7 @@ class ShardWriter:
         raw = bytes_of(block.contiguous())
         if len(raw) > self.pending:
             raise RuntimeError(f"export bug: {self.plan[self.next][0]} got more bytes than its header says")
-        self.handle.write(memoryview(raw))
+        self._write(memoryview(raw))
         self.pending -= len(raw)
 
     def end(self) -> None:

@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 
 import torch
 
@@ -52,14 +53,15 @@ def ordered(layout: Layout) -> dict[str, list[OutTensor]]:
 def write_shards(
     tmp: str, meta: MetaDiff, layout: Layout, readers: ReaderPool, *, progress: bool, desc: str
 ) -> dict:
-    """Write every planned shard into `tmp`; return counts (tensors, merged, from_diff, bytes)."""
+    """Write every planned shard into `tmp`; return counts (tensors, merged, from_diff, bytes) and
+    each file's sha256 (`written["sha256"]`)."""
     from tqdm.auto import tqdm
 
     files = ordered(layout)
     for name, digest in sorted(meta.manifest["base"].get("replaced_sha256", {}).items()):
         if name in meta.info.weight_map:
             check_base_hash(name, digest, meta, readers)
-    written = {"tensors": 0, "merged": 0, "from_diff": 0, "bytes": 0}
+    written = {"tensors": 0, "merged": 0, "from_diff": 0, "bytes": 0, "sha256": {}}
     with tqdm(
         total=sum(len(outs) for outs in files.values()), desc=desc, unit="tensor", disable=not progress
     ) as bar:
@@ -83,6 +85,7 @@ def write_shards(
                 writer.handle.close()
                 raise
             writer.close()
+            written["sha256"][file] = writer.sha256.hexdigest()
     return written
 
 
@@ -316,25 +319,31 @@ def write_checkpoint(
     out_dir: str,
     *,
     config_changes: dict,
-    whole_config: dict | None = None,
+    whole_config: dict | Callable[[dict], dict] | None = None,
     extra_files: dict[str, str] | None = None,
+    finish: Callable[[str, dict], None] | None = None,
     sharded: bool | None = None,
     progress: bool = True,
     overwrite: bool = False,
     desc: str = "export",
 ) -> dict:
     """Stream `layout` into `out_dir` atomically with its index, config.json (the base's with
-    `config_changes`, or `whole_config`), the base's small files and `extra_files` (name -> text)."""
+    `config_changes`, or `whole_config`: a dict, or a function of the summary so far), the base's
+    small files and `extra_files` (name -> text). `finish(tmp, summary)` runs after the shards
+    and index, before config.json, to write files of its own."""
     with (
         ReaderPool() as readers,
         atomic_dir(out_dir, [meta.base_dir, meta.diff_dir], overwrite=overwrite) as tmp,
     ):
         written = write_shards(tmp, meta, layout, readers, progress=progress, desc=desc)
         write_index(tmp, meta, layout, written["bytes"], sharded=sharded)
-        write_config(tmp, meta, config_changes, whole=whole_config)
+        if finish is not None:
+            finish(tmp, written)
+        whole = whole_config(written) if callable(whole_config) else whole_config
+        write_config(tmp, meta, config_changes, whole=whole)
         written["copied"], written["skipped"] = copy_small_files(meta.base_dir, tmp, meta.info)
         for name, text in (extra_files or {}).items():
-            with open(f"{tmp}/{name}", "w", encoding="utf-8") as handle:
+            with open(os.path.join(tmp, name), "w", encoding="utf-8") as handle:
                 handle.write(text)
     written["out_dir"] = out_dir
     written["config_changes"] = sorted(config_changes)
