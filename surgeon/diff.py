@@ -80,6 +80,11 @@ def save_diff(model, out_dir: str, *, base_dir: str | None = None, overwrite: bo
             "cannot tell which checkpoint this model came from; pass base_dir= (the model directory)"
         )
     info = inspect_checkpoint(base_dir, allow_pickle=True)
+    if info.config.get("model_type") == "surgeon":  # surgeon.export.self_contained.MODEL_TYPE
+        raise SurgeonError(
+            f"{base_dir} is a `surgeon export --format surgeon` directory, not a base a diff can be loaded "
+            "onto; keep training from the diff it was exported from (surgeon train DIFF) and export again"
+        )
     tensors = diff_tensors(model)
     manifest = {
         "format": FORMAT,

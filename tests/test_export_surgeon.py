@@ -205,3 +205,11 @@ def test_load_with_one_argument_tells_a_diff_from_an_export(exports):
         on_recorded_base = first_output(surgeon.load(diff)(**inputs))  # the base the manifest records
         assert torch.equal(on_recorded_base, first_output(surgeon.load(base, diff)(**inputs)))
         assert torch.allclose(first_output(surgeon.load(out)(**inputs)), on_recorded_base, atol=1e-5)
+
+
+def test_a_diff_against_an_export_is_refused_not_written(exports, tmp_path):
+    _, _, out, _ = exports["lora_bitfit"]
+    model = surgeon.load(out)
+    with pytest.raises(SurgeonError, match="not a base a diff can be loaded onto; keep training from the diff"):
+        surgeon.save_diff(model, str(tmp_path / "diff2"), base_dir=out)
+    assert not os.path.exists(tmp_path / "diff2")
