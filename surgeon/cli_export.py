@@ -13,14 +13,23 @@ from .cli_common import friendly, quiet_transformers
 
 @click.command("export")
 @click.argument("diff_dir", type=click.Path(file_okay=False))
-@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output directory.")
-@click.option("--base", "base_dir", type=click.Path(file_okay=False), help="Base model dir (default: the one in the manifest).")
+@click.option(
+    "-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output directory."
+)
+@click.option(
+    "--base",
+    "base_dir",
+    type=click.Path(file_okay=False),
+    help="Base model dir (default: the one in the manifest).",
+)
 @click.option(
     "--format", "fmt", type=click.Choice(["hf", "surgeon", "peft"]), default="hf", show_default=True,
     help="hf: a plain transformers checkpoint with LoRA merged (attention surgery as Longformer/Mistral/Qwen2); "
     "surgeon: one self-contained directory for any surgery (surgeon.load(OUT)); peft: a PEFT LoRA adapter.",
 )  # fmt: skip
-@click.option("--adapter", "adapters", multiple=True, help="LoRA adapter(s) to export (repeatable; peft: exactly one).")
+@click.option(
+    "--adapter", "adapters", multiple=True, help="LoRA adapter(s) to export (repeatable; peft: exactly one)."
+)
 @click.option("--force", is_flag=True, help="Replace OUT if it exists (atomically).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @friendly
@@ -37,7 +46,9 @@ def export_cmd(diff_dir, out_dir, base_dir, fmt, adapters, force, no_progress):
 
         if len(adapters) > 1:
             raise SurgeonError("--format peft writes one adapter; give --adapter once")
-        config = export_peft(diff_dir, out_dir, base_dir, adapter=adapters[0] if adapters else None, overwrite=force)
+        config = export_peft(
+            diff_dir, out_dir, base_dir, adapter=adapters[0] if adapters else None, overwrite=force
+        )
         click.echo(
             f"wrote {out_dir}: PEFT LoRA adapter on {len(config['target_modules'])} modules "
             f"(r={config['r']}, lora_alpha={config['lora_alpha']})"
@@ -47,20 +58,30 @@ def export_cmd(diff_dir, out_dir, base_dir, fmt, adapters, force, no_progress):
         from .export.self_contained import export_self_contained
 
         summary = export_self_contained(
-            diff_dir, out_dir, base_dir, progress=not no_progress, adapters=list(adapters) or None, overwrite=force
+            diff_dir,
+            out_dir,
+            base_dir,
+            progress=not no_progress,
+            adapters=list(adapters) or None,
+            overwrite=force,
         )
         lora = summary["lora"]
         click.echo(
             f"wrote {out_dir}: {summary['tensors']} base tensors ({summary['bytes'] / 2**20:.1f} MiB, "
-            f"{summary['merged']} with LoRA merged), {summary['added']} added tensors, {summary['rules']} rules "
-            f"re-applied on load; LoRA merged: {', '.join(lora['merged']) or 'none'}, kept: "
+            f"{summary['merged']} with LoRA merged), {summary['added']} added tensors, {summary['rules']} "
+            f"rule{'s' if summary['rules'] != 1 else ''} re-applied on load; LoRA merged: {', '.join(lora['merged']) or 'none'}, kept: "
             f"{', '.join(lora['kept']) or 'none'}; load with surgeon.load({out_dir!r})"
         )
         return
     from .export import export_merged
 
     summary = export_merged(
-        diff_dir, out_dir, base_dir, progress=not no_progress, adapters=list(adapters) or None, overwrite=force
+        diff_dir,
+        out_dir,
+        base_dir,
+        progress=not no_progress,
+        adapters=list(adapters) or None,
+        overwrite=force,
     )
     changed = f"; config changed: {', '.join(summary['config_changes'])}" if summary["config_changes"] else ""
     native = ""
@@ -75,8 +96,20 @@ def export_cmd(diff_dir, out_dir, base_dir, fmt, adapters, force, no_progress):
 
 @click.command("import-peft")
 @click.argument("peft_dir", type=click.Path(file_okay=False))
-@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output directory for the diff.")
-@click.option("--base", "base_dir", type=click.Path(file_okay=False), help="Base model dir (default: base_model_name_or_path).")
+@click.option(
+    "-o",
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Output directory for the diff.",
+)
+@click.option(
+    "--base",
+    "base_dir",
+    type=click.Path(file_okay=False),
+    help="Base model dir (default: base_model_name_or_path).",
+)
 @click.option("--name", default="default", show_default=True, help="Adapter name in the surgeon diff.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists (atomically).")
 @friendly
@@ -86,4 +119,6 @@ def import_peft_cmd(peft_dir, out_dir, base_dir, name, force):
 
     quiet_transformers()
     manifest = import_peft(peft_dir, out_dir, base_dir, name=name, overwrite=force)
-    click.echo(f"wrote {out_dir}: surgeon diff of {len(manifest['tensors'])} LoRA tensors on {manifest['base']['path']}")
+    click.echo(
+        f"wrote {out_dir}: surgeon diff of {len(manifest['tensors'])} LoRA tensors on {manifest['base']['path']}"
+    )

@@ -243,6 +243,11 @@ def _readme(
         "",
         f"`global_attention_positions` in config.json records them ({glob}).",
     ]
+    if glob:
+        lines.append(
+            "Code that does not pass global_attention_mask (e.g. sentence-transformers' Transformer module) runs "
+            "the model without its global tokens, which is not the function it was converted with."
+        )
     if suffix == "ForSequenceClassification" and glob != [0]:
         lines.append("LongformerForSequenceClassification makes token 0 global when no global_attention_mask is given: "
                      "pass the mask above.")  # fmt: skip
