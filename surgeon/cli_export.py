@@ -24,8 +24,8 @@ from .cli_common import friendly, quiet_transformers
 )
 @click.option(
     "--format", "fmt", type=click.Choice(["hf", "surgeon", "peft"]), default="hf", show_default=True,
-    help="hf: a plain transformers checkpoint with LoRA merged (attention surgery as Longformer/Mistral/Qwen2); "
-    "surgeon: one self-contained directory for any surgery (surgeon.load(OUT)); peft: a PEFT LoRA adapter.",
+    help="hf: a plain transformers checkpoint with LoRA merged (attention surgery as Longformer/Mistral/"
+    "Qwen2); surgeon: one self-contained directory for any surgery (surgeon.load(OUT)); peft: a PEFT LoRA adapter.",
 )  # fmt: skip
 @click.option(
     "--adapter", "adapters", multiple=True, help="LoRA adapter(s) to export (repeatable; peft: exactly one)."
@@ -65,12 +65,13 @@ def export_cmd(diff_dir, out_dir, base_dir, fmt, adapters, force, no_progress):
             adapters=list(adapters) or None,
             overwrite=force,
         )
-        lora = summary["lora"]
+        lora, rules = summary["lora"], summary["rules"]
         click.echo(
             f"wrote {out_dir}: {summary['tensors']} base tensors ({summary['bytes'] / 2**20:.1f} MiB, "
-            f"{summary['merged']} with LoRA merged), {summary['added']} added tensors, {summary['rules']} "
-            f"rule{'s' if summary['rules'] != 1 else ''} re-applied on load; LoRA merged: {', '.join(lora['merged']) or 'none'}, kept: "
-            f"{', '.join(lora['kept']) or 'none'}; load with surgeon.load({out_dir!r})"
+            f"{summary['merged']} with LoRA merged), {summary['added']} added tensors, {rules} "
+            f"rule{'s' if rules != 1 else ''} re-applied on load; LoRA merged: "
+            f"{', '.join(lora['merged']) or 'none'}, kept: {', '.join(lora['kept']) or 'none'}; "
+            f"load with surgeon.load({out_dir!r})"
         )
         return
     from .export import export_merged
@@ -87,7 +88,8 @@ def export_cmd(diff_dir, out_dir, base_dir, fmt, adapters, force, no_progress):
     native = ""
     if "architecture" in summary:  # attention surgery: written as the architecture that computes it
         usage = ", ".join(f"{key} {value}" for key, value in summary["usage"].items())
-        native = f"{summary['architecture']} converted from {summary['source_architecture']} ({usage}; see README.md), "
+        source = summary["source_architecture"]
+        native = f"{summary['architecture']} converted from {source} ({usage}; see README.md), "
     click.echo(
         f"wrote {out_dir}: {native}{summary['tensors']} tensors ({summary['bytes'] / 2**20:.1f} MiB), "
         f"{summary['merged']} with LoRA merged, {summary['from_diff']} from the diff{changed}"
