@@ -1,4 +1,4 @@
-"""Exporting a diff as something that runs without the diff.
+"""Exporting a diff as something that runs without the diff (docs/export-formats.md).
 
 - `stream.py`: streamed safetensors reading and writing (one tensor, or block of rows, at a time);
 - `meta_diff.py`: the diff re-applied to its base on the meta device (`open_meta_diff`), and the
@@ -6,7 +6,10 @@
 - `mergeable.py`: which changes have no merged form;
 - `plan.py`: the merge plan (each output tensor's source, LoRA pieces, shard);
 - `write.py`: streaming a plan to disk (shards, index, config, the base's small files);
-- `hf.py`: `--format hf` for diffs that keep their base's attention (a merged checkpoint).
+- `hf.py`: `--format hf`, a merged checkpoint of the base's architecture, or through
+  `native.py` (with `conversion.py`) the architecture that computes an attention surgery:
+  `longformer.py` (BERT/RoBERTa family), `sliding_decoder.py` (Llama family → Mistral/Qwen2);
+- `self_contained.py`: `--format surgeon`, one directory for any surgery, and its loader.
 
 The PEFT format lives in `surgeon.peft_io`.
 """
@@ -14,6 +17,7 @@ The PEFT format lives in `surgeon.peft_io`.
 from .hf import export_merged
 from .mergeable import mergeability_problems
 from .meta_diff import LORA_MARK, MetaDiff, assign_tensors, open_meta_diff
+from .self_contained import export_self_contained, load_self_contained
 from .stream import ShardReader, ShardWriter
 
 __all__ = [
@@ -23,6 +27,8 @@ __all__ = [
     "ShardWriter",
     "assign_tensors",
     "export_merged",
+    "export_self_contained",
+    "load_self_contained",
     "mergeability_problems",
     "open_meta_diff",
 ]

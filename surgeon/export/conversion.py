@@ -28,7 +28,6 @@ class LayerAttention:
     """One self-attention module of the layer stack and the variant surgery gave it (or None)."""
 
     index: int
-    count: int
     path: str
     module: torch.nn.Module
     variant: object | None
@@ -94,7 +93,7 @@ def layer_attention(meta: MetaDiff) -> list[LayerAttention]:
         if "attn" in target.roles and target.layer is not None and target.fused is None:
             out.append(
                 LayerAttention(
-                    target.layer.index, target.layer.count, target.path, target.module,
+                    target.layer.index, target.path, target.module,
                     variant_of(target.module), rule_of.get(target.path, ""),
                 )
             )  # fmt: skip
