@@ -13,24 +13,15 @@ from .cli_common import friendly, quiet_transformers
 
 @click.command("export")
 @click.argument("diff_dir", type=click.Path(file_okay=False))
-@click.option(
-    "-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output directory."
-)
-@click.option(
-    "--base",
-    "base_dir",
-    type=click.Path(file_okay=False),
-    help="Base model dir (default: the one in the manifest).",
-)
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output directory.")
+@click.option("--base", "base_dir", type=click.Path(file_okay=False), help="Base model dir (default: the one in the manifest).")
 @click.option(
     "--format", "fmt", type=click.Choice(["hf", "surgeon", "peft"]), default="hf", show_default=True,
     help="hf: a plain transformers checkpoint with LoRA merged (attention surgery as Longformer/Mistral/"
     "Qwen2); surgeon: one self-contained directory for any surgery (surgeon.load(OUT)); peft: a PEFT LoRA adapter.",
 )  # fmt: skip
-@click.option(
-    "--adapter", "adapters", multiple=True, help="LoRA adapter(s) to export (repeatable; peft: exactly one)."
-)
-@click.option("--force", is_flag=True, help="Replace OUT if it exists (atomically).")
+@click.option("--adapter", "adapters", multiple=True, help="LoRA adapter(s) to export (repeatable; peft: exactly one).")
+@click.option("--force", is_flag=True, help="Replace OUT if it is surgeon's own output (atomically).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @friendly
 def export_cmd(diff_dir, out_dir, base_dir, fmt, adapters, force, no_progress):
@@ -46,9 +37,7 @@ def export_cmd(diff_dir, out_dir, base_dir, fmt, adapters, force, no_progress):
 
         if len(adapters) > 1:
             raise SurgeonError("--format peft writes one adapter; give --adapter once")
-        config = export_peft(
-            diff_dir, out_dir, base_dir, adapter=adapters[0] if adapters else None, overwrite=force
-        )
+        config = export_peft(diff_dir, out_dir, base_dir, adapter=adapters[0] if adapters else None, overwrite=force)
         click.echo(
             f"wrote {out_dir}: PEFT LoRA adapter on {len(config['target_modules'])} modules "
             f"(r={config['r']}, lora_alpha={config['lora_alpha']})"
@@ -58,12 +47,7 @@ def export_cmd(diff_dir, out_dir, base_dir, fmt, adapters, force, no_progress):
         from .export.self_contained import export_self_contained
 
         summary = export_self_contained(
-            diff_dir,
-            out_dir,
-            base_dir,
-            progress=not no_progress,
-            adapters=list(adapters) or None,
-            overwrite=force,
+            diff_dir, out_dir, base_dir, progress=not no_progress, adapters=list(adapters) or None, overwrite=force
         )
         lora, rules = summary["lora"], summary["rules"]
         click.echo(
@@ -77,12 +61,7 @@ def export_cmd(diff_dir, out_dir, base_dir, fmt, adapters, force, no_progress):
     from .export import export_merged
 
     summary = export_merged(
-        diff_dir,
-        out_dir,
-        base_dir,
-        progress=not no_progress,
-        adapters=list(adapters) or None,
-        overwrite=force,
+        diff_dir, out_dir, base_dir, progress=not no_progress, adapters=list(adapters) or None, overwrite=force
     )
     changed = f"; config changed: {', '.join(summary['config_changes'])}" if summary["config_changes"] else ""
     native = ""
@@ -98,22 +77,10 @@ def export_cmd(diff_dir, out_dir, base_dir, fmt, adapters, force, no_progress):
 
 @click.command("import-peft")
 @click.argument("peft_dir", type=click.Path(file_okay=False))
-@click.option(
-    "-o",
-    "--out",
-    "out_dir",
-    required=True,
-    type=click.Path(file_okay=False),
-    help="Output directory for the diff.",
-)
-@click.option(
-    "--base",
-    "base_dir",
-    type=click.Path(file_okay=False),
-    help="Base model dir (default: base_model_name_or_path).",
-)
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output directory for the diff.")
+@click.option("--base", "base_dir", type=click.Path(file_okay=False), help="Base model dir (default: base_model_name_or_path).")
 @click.option("--name", default="default", show_default=True, help="Adapter name in the surgeon diff.")
-@click.option("--force", is_flag=True, help="Replace OUT if it exists (atomically).")
+@click.option("--force", is_flag=True, help="Replace OUT if it is surgeon's own output (atomically).")
 @friendly
 def import_peft_cmd(peft_dir, out_dir, base_dir, name, force):
     """Turn the PEFT LoRA adapter in PEFT_DIR into a surgeon diff (loadable with `surgeon.load`)."""
@@ -121,6 +88,4 @@ def import_peft_cmd(peft_dir, out_dir, base_dir, name, force):
 
     quiet_transformers()
     manifest = import_peft(peft_dir, out_dir, base_dir, name=name, overwrite=force)
-    click.echo(
-        f"wrote {out_dir}: surgeon diff of {len(manifest['tensors'])} LoRA tensors on {manifest['base']['path']}"
-    )
+    click.echo(f"wrote {out_dir}: surgeon diff of {len(manifest['tensors'])} LoRA tensors on {manifest['base']['path']}")

@@ -32,7 +32,7 @@ from ..checkpoint import CONFIG, INDEX, model_class, read_json_in
 from ..diff import copy_stored_tensors, read_manifest
 from ..engine import patch, surgery_of
 from ..errors import CheckpointError, SurgeonError
-from ..fsutil import check_output
+from ..fsutil import check_output, relative_inside
 from ..lora.merge import merge_pieces, untied_names
 from ..recipe import load_recipe
 from .meta_diff import MetaDiff, open_meta_diff
@@ -94,7 +94,7 @@ def export_self_contained(
     summary = write_checkpoint(
         meta, layout, out_dir, config_changes={}, whole_config=config, finish=write_added,
         extra_files={"README.md": _readme(meta, recipe, merged, kept)}, progress=progress,
-        overwrite=overwrite, desc="export (surgeon)",
+        overwrite=overwrite, desc="export (surgeon)", kind=FORMAT,
     )  # fmt: skip
     summary.update(added=len(added), rules=len(recipe["rules"]) if recipe else 0)
     summary["lora"] = {"merged": merged, "kept": kept, "left_out": left_out}
@@ -197,8 +197,9 @@ def load_self_contained(directory: str, *, verify: bool = True):
     if ADDED_FILE not in files:
         raise CheckpointError(f"{where}: the fingerprint lists no {ADDED_FILE}")
     for file, digest in files.items():
-        path = os.path.join(directory, file)
-        if os.path.basename(file) != file or not os.path.isfile(path):
+        inside = relative_inside(directory, file)
+        path = os.path.join(directory, inside) if inside is not None else None
+        if path is None or not os.path.isfile(path):
             raise CheckpointError(f"{where}: lists {file!r}, which the directory does not hold")
         if verify and file_sha256(path) != digest:
             raise CheckpointError(

@@ -23,7 +23,7 @@ import torch
 
 from ..checkpoint import INDEX, CheckpointInfo
 from ..errors import CheckpointError, SurgeonError
-from ..fsutil import atomic_dir
+from ..fsutil import atomic_dir, output_path
 from ..lora.layer import LoraAdapter
 from .meta_diff import MetaDiff
 from .plan import Layout, OutTensor
@@ -69,7 +69,7 @@ def write_shards(
             base_file = os.path.join(meta.base_dir, file)
             metadata = readers.get(base_file).metadata if os.path.isfile(base_file) else {}
             writer = ShardWriter(
-                os.path.join(tmp, file),
+                output_path(tmp, file),  # file: a validated index entry of the base, still checked here
                 [(o.name, o.dtype, o.shape) for o in outs],
                 metadata or {"format": "pt"},
             )
@@ -289,6 +289,11 @@ def write_config(tmp: str, meta: MetaDiff, changes: dict, *, whole: dict | None 
         handle.write("\n")
 
 
+def _linked_dirs(directory: str, names: list[str]) -> list[str]:
+    """copytree's ignore: links to directories (followed, they could copy any tree on disk)."""
+    return [n for n in names if os.path.islink(os.path.join(directory, n)) and os.path.isdir(os.path.join(directory, n))]
+
+
 def copy_small_files(base_dir: str, tmp: str, info: CheckpointInfo) -> tuple[list[str], list[str]]:
     """Copy tokenizer files, generation config, README … — everything but weights and config."""
     skip = set(info.files) | {INDEX, "config.json"}
@@ -304,11 +309,14 @@ def copy_small_files(base_dir: str, tmp: str, info: CheckpointInfo) -> tuple[lis
             shutil.copyfile(path, os.path.join(tmp, entry))
             copied.append(entry)
         elif os.path.isdir(path):
+            if os.path.islink(path):
+                skipped.append(entry + "/")  # a linked folder may lead anywhere (even to /)
+                continue
             holds_weights = any(f.endswith(_WEIGHT_SUFFIXES) for _, _, files in os.walk(path) for f in files)
             if holds_weights:
                 skipped.append(entry + "/")
                 continue
-            shutil.copytree(path, os.path.join(tmp, entry))
+            shutil.copytree(path, os.path.join(tmp, entry), ignore=_linked_dirs)
             copied.append(entry + "/")
     return copied, skipped
 
@@ -326,14 +334,16 @@ def write_checkpoint(
     progress: bool = True,
     overwrite: bool = False,
     desc: str = "export",
+    kind: str = "hf-export",
 ) -> dict:
     """Stream `layout` into `out_dir` atomically with its index, config.json (the base's with
     `config_changes`, or `whole_config`: a dict, or a function of the summary so far), the base's
     small files and `extra_files` (name -> text). `finish(tmp, summary)` runs after the shards
-    and index, before config.json, to write files of its own."""
+    and index, before config.json, to write files of its own. `kind` marks the output as surgeon's
+    (`surgeon.fs_marker`), so a later `--force` may replace it."""
     with (
         ReaderPool() as readers,
-        atomic_dir(out_dir, [meta.base_dir, meta.diff_dir], overwrite=overwrite) as tmp,
+        atomic_dir(out_dir, [meta.base_dir, meta.diff_dir], overwrite=overwrite, kind=kind) as tmp,
     ):
         written = write_shards(tmp, meta, layout, readers, progress=progress, desc=desc)
         write_index(tmp, meta, layout, written["bytes"], sharded=sharded)
