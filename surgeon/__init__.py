@@ -7,6 +7,7 @@
     surgeon.save_diff(model, "runs/minilm")      # only the trainable and added tensors
     model = surgeon.load(base_dir, "runs/minilm")
     surgeon.train_diff("runs/minilm", ["corpus.txt"], out_dir="runs/trained", objective="mlm")
+    model = surgeon.load("runs/minilm-export")  # `surgeon export --format surgeon`: no base needed
 """
 
 __version__ = "0.1.0"
@@ -21,10 +22,14 @@ def __getattr__(name):
         from . import engine
 
         return getattr(engine, name)
-    if name in ("save_diff", "load"):
+    if name == "save_diff":
         from . import diff
 
-        return getattr(diff, name)
+        return diff.save_diff
+    if name == "load":  # a diff on its base, or a self-contained export
+        from .loading import load
+
+        return load
     if name in ("merge", "unmerge"):
         from .lora.merge import merge, unmerge  # `surgeon.lora.merge` the module, not the function
 

@@ -21,7 +21,6 @@ from collections.abc import Iterable
 
 import pydantic
 import torch
-import yaml
 
 from . import __version__
 from .binding import base_record, check_base, check_diff_file, diff_file_record, fully_bound
@@ -33,6 +32,7 @@ from .fsutil import atomic_dir, relative_inside
 from .modelpath import resolve_model_path
 from .manifest_schema import validate_manifest
 from .recipe import Recipe, load_recipe
+from .yamlfile import dump_yaml
 
 MANIFEST = DIFF_MANIFEST  # a diff is recognised as surgeon's by its manifest (surgeon.fs_marker)
 FORMAT = DIFF_FORMAT
@@ -46,7 +46,7 @@ def _recipe_file(i: int) -> str:
 def _recipe_text(recipe: Recipe) -> str:
     if recipe.text is not None:
         return recipe.text
-    return yaml.safe_dump(recipe.data, sort_keys=False)
+    return dump_yaml(recipe.data)
 
 
 def base_dir_of(model) -> str | None:
@@ -92,6 +92,11 @@ def save_diff(
             "cannot tell which checkpoint this model came from; pass base_dir= (the model directory)"
         )
     info = inspect_checkpoint(base_dir, allow_pickle=True)
+    if info.config.get("model_type") == "surgeon":  # surgeon.export.self_contained.MODEL_TYPE
+        raise SurgeonError(
+            f"{base_dir} is a `surgeon export --format surgeon` directory, not a base a diff can be loaded "
+            "onto; keep training from the diff it was exported from (surgeon train DIFF) and export again"
+        )
     tensors = diff_tensors(model)
     base = base_record(info)  # hashes the base's files once; cached for later loads
     manifest = {
@@ -216,26 +221,12 @@ def _check_replaced(manifest: dict, model, base_dir: str, diff_dir: str) -> None
             raise CheckpointError(f"{diff_dir} was made on another base: the content of {name} in {base_dir} differs")
 
 
-def load(base_dir: str | None, diff_dir: str, *, allow_pickle: bool = False, trust_base: bool = False):
-    """Load `base_dir`, re-apply the diff's recipes, load its tensors strictly; return the model.
-
-    The base must be the checkpoint the diff was made on, tensor for tensor (`surgeon.binding`);
-    `trust_base=True` checks only its tensor names, dtypes and shapes, and warns.
-    """
+def copy_stored_tensors(model, path: str, expected: set[str]) -> None:
+    """Copy into the model, in place and shape-checked, the tensors of the safetensors file at
+    `path`, which must hold exactly `expected` (names of the model's parameters and buffers).
+    In place, not by assignment: a tensor other modules hold a reference to stays shared."""
     from safetensors import SafetensorError, safe_open
 
-    manifest = read_manifest(diff_dir)
-    base_dir = resolve_model_path(base_dir) if base_dir else manifest["base"]["path"]
-    info = inspect_checkpoint(base_dir, allow_pickle=allow_pickle)
-    check_base(manifest, info, diff_dir, trust_base=trust_base)
-    recipes = load_recipes(diff_dir, manifest)
-    model, _ = load_model(base_dir, allow_pickle=allow_pickle)
-    if not trust_base and not fully_bound(manifest):
-        _check_replaced(manifest, model, base_dir, diff_dir)
-    for recipe in recipes:
-        patch(model, recipe)
-    expected = set(surgery_of(model).ledger.diff_names())
-    path = os.path.join(diff_dir, DIFF_FILE)
     state = dict(model.named_parameters())
     state.update(dict(model.named_buffers()))
     try:
@@ -252,9 +243,29 @@ def load(base_dir: str | None, diff_dir: str, *, allow_pickle: bool = False, tru
                         )
                     target.copy_(tensor.to(target.dtype))
     except FileNotFoundError:
-        raise CheckpointError(f"{diff_dir}: no {DIFF_FILE}") from None
+        raise CheckpointError(f"{os.path.dirname(path) or '.'}: no {os.path.basename(path)}") from None
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({exc})") from None
+
+
+def load(base_dir: str | None, diff_dir: str, *, allow_pickle: bool = False, trust_base: bool = False):
+    """Load `base_dir`, re-apply the diff's recipes, load its tensors strictly; return the model.
+
+    The base must be the checkpoint the diff was made on, tensor for tensor (`surgeon.binding`);
+    `trust_base=True` checks only its tensor names, dtypes and shapes, and warns.
+    """
+    manifest = read_manifest(diff_dir)
+    base_dir = resolve_model_path(base_dir) if base_dir else manifest["base"]["path"]
+    info = inspect_checkpoint(base_dir, allow_pickle=allow_pickle)
+    check_base(manifest, info, diff_dir, trust_base=trust_base)
+    recipes = load_recipes(diff_dir, manifest)
+    model, _ = load_model(base_dir, allow_pickle=allow_pickle)
+    if not trust_base and not fully_bound(manifest):
+        _check_replaced(manifest, model, base_dir, diff_dir)
+    for recipe in recipes:
+        patch(model, recipe)
+    path = os.path.join(diff_dir, DIFF_FILE)
+    copy_stored_tensors(model, path, set(surgery_of(model).ledger.diff_names()))
     check_diff_file(manifest, path)
     model.eval()
     return model

@@ -27,7 +27,8 @@ import torch
 
 from .checkpoint import build_meta_model, inspect_checkpoint, read_json_in
 from .errors import CheckpointError, SurgeonError
-from .export import LORA_MARK, MetaDiff, open_meta_diff
+from .export.meta_diff import LORA_MARK, MetaDiff, assign_tensors, open_meta_diff
+from .export.stream import ShardReader
 from .fsutil import atomic_dir, check_output
 from .peft_config import PeftLoraConfig, validate_peft_config
 
@@ -94,6 +95,7 @@ def export_peft(
     *,
     adapter: str | None = None,
     overwrite: bool = False,
+    trust_base: bool = False,
 ) -> dict:
     """Write the LoRA of `diff_dir` as a PEFT adapter directory; return the adapter config.
 
@@ -107,7 +109,7 @@ def export_peft(
 
         manifest_base = read_manifest(diff_dir)["base"]["path"]
     check_output(out_dir, [base_dir or manifest_base, diff_dir], overwrite=overwrite)
-    meta = open_meta_diff(diff_dir, base_dir)
+    meta = open_meta_diff(diff_dir, base_dir, trust_base=trust_base)
     modules = _surgeon_lora(meta, diff_dir, adapter)
     config = _peft_config(modules, meta.base_dir)
     tensors = {}
@@ -171,8 +173,7 @@ def _surgeon_lora(meta: MetaDiff, diff_dir: str, adapter: str | None) -> list[Lo
     elif adapter not in adapters:
         raise SurgeonError(f"{diff_dir} has no adapter named {adapter!r}; it holds {', '.join(adapters)}")
 
-    state = dict(meta.model.named_parameters())
-    state.update(dict(meta.model.named_buffers()))
+    state = meta.state()
     modules = []
     for (name, path), found in sorted(parsed.items()):
         if name != adapter:
@@ -338,29 +339,18 @@ def import_peft(
         )
     recipe = {"surgeon": 1, "rules": rules}
     patch(model, recipe)
-    state = dict(model.named_parameters())
-    loaded = {}
+    loaded, labels = {}, {}
     for path, pair in found.items():
         for which, tensor in pair.items():
             target = f"{path}{LORA_MARK}{name}.lora_{which}"
-            if target not in state:
-                raise RuntimeError(f"import bug: the lora action made no tensor {target}")
-            if tuple(tensor.shape) != tuple(state[target].shape):
-                raise SurgeonError(
-                    f"{peft_dir}: {path} lora_{which} has shape {tuple(tensor.shape)}, "
-                    f"surgeon's LoRA of r={state[target].shape[0] if which == 'A' else state[target].shape[1]} "
-                    f"on this module expects {tuple(state[target].shape)}"
-                )
-            loaded[target] = tensor.to(state[target].dtype)
-    model.load_state_dict(loaded, strict=False, assign=True)
+            loaded[target], labels[target] = tensor, f"{path} lora_{which}"
+    assign_tensors(model, loaded, peft_dir, label=labels.get)
     return diff_module.save_diff(model, out_diff_dir, base_dir=base_dir, overwrite=overwrite, inputs=[peft_dir])
 
 
 def _check_saved_base(key: str, tensor: torch.Tensor, peft_dir: str, base_dir: str, modules, model) -> None:
     """PEFT saves the whole embedding beside embedding LoRA (`save_embedding_layers`, for resized
     vocabularies). An unchanged copy is redundant; a changed one is not LoRA and can't be imported."""
-    from .export import ShardReader
-
     peft_path = key.removeprefix(PEFT_PREFIX).removesuffix(".base_layer.weight")
     path = _local_path(peft_path, modules, model)
     info = inspect_checkpoint(base_dir)

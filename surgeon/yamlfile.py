@@ -96,6 +96,18 @@ def _construct_float(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> float:
 _CoreLoader.add_constructor("tag:yaml.org,2002:float", _construct_float)
 
 
+class _NoAliasDumper(yaml.SafeDumper):
+    """Writes a value that appears twice in full both times: recipes refuse anchors and aliases."""
+
+    def ignore_aliases(self, data) -> bool:
+        return True
+
+
+def dump_yaml(data: Any) -> str:
+    """`data` as YAML that `load_yaml` reads back (keys in order, no anchors or aliases)."""
+    return yaml.dump(data, Dumper=_NoAliasDumper, sort_keys=False)
+
+
 def read_yaml_text(path: str, noun: str, limit: int | None = None) -> str:
     """The text of a YAML file a user named; missing, unreadable, non-UTF-8 or (with `limit`)
     oversized files are one-line errors naming the file and what it was meant to be."""

@@ -278,3 +278,21 @@ def test_a_cache_entry_is_not_used_once_its_file_changed(tiny_model_dir, tmp_pat
     rewrite_one_tensor(base, "pooler.dense.weight")
     with pytest.raises(CheckpointError, match=r"pooler\.dense\.weight"):
         surgeon.load(base, diff)
+
+
+@pytest.mark.parametrize("fmt", ["hf", "surgeon", "peft"])
+def test_every_export_format_is_bound_to_the_base_and_the_diff_file(tiny_model_dir, tmp_path, fmt):
+    base = tiny_model_dir("bert")
+    diff = make_diff(base, str(tmp_path / "d"))
+    rewrite_one_tensor(base, "pooler.dense.weight")
+    out = str(tmp_path / "out")
+    assert_one_line_error(run("export", diff, "-o", out, "--format", fmt), "made on another base", "--trust-base")
+    assert not os.path.exists(out)
+    result = run("export", diff, "-o", out, "--format", fmt, "--trust-base", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert "--trust-base" in result.stderr or "trust_base" in result.stderr
+    # the diff's own bytes are checked too, trusted base or not
+    flip_bit(os.path.join(diff, "diff.safetensors"), -5)
+    out2 = str(tmp_path / "out2")
+    assert_one_line_error(run("export", diff, "-o", out2, "--format", fmt, "--trust-base"), "diff.safetensors")
+    assert not os.path.exists(out2)

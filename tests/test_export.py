@@ -1,20 +1,19 @@
 """`surgeon export`: merged checkpoints that plain transformers loads with the patched outputs.
 
-The merged checkpoints are loaded in a child process where importing surgeon is blocked, so
-"loads without surgeon installed" is checked, not assumed.
+The merged checkpoints are loaded in a child process where importing surgeon is blocked
+(export_support.run_plain), so "loads without surgeon installed" is checked, not assumed.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from click.testing import CliRunner
 from conftest import first_output, tiny_inputs, tiny_model
+from export_support import make_diff, run_plain, save_base
 from safetensors import safe_open
 
 import surgeon
@@ -44,62 +43,6 @@ LORA_MINILM = {"surgeon": 1, "rules": [
     {"do": "lora", "select": {"role": ["attn.q", "attn.v"]}, "with": {"r": 8, "alpha": 16}},
     {"do": "bitfit", "select": {"role": "attn"}},
 ]}  # fmt: skip
-
-PLAIN_LOADER = r"""
-import importlib.abc, json, sys
-class NoSurgeon(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "surgeon" or name.startswith("surgeon."):
-            raise ImportError("surgeon is not installed here")
-sys.meta_path.insert(0, NoSurgeon())
-import torch, transformers
-transformers.utils.logging.set_verbosity_error()
-cases, results = torch.load(sys.argv[1]), {}
-for key, (directory, inputs) in cases.items():
-    arch = json.load(open(directory + "/config.json"))["architectures"][0]
-    for cls in (transformers.AutoModel, transformers.AutoModelForCausalLM):  # the Auto class that gives arch
-        model, info = cls.from_pretrained(directory, output_loading_info=True)
-        if type(model).__name__ == arch:
-            break
-    assert type(model).__name__ == arch, (type(model).__name__, arch)
-    assert not info["missing_keys"] and not info["mismatched_keys"], info
-    with torch.no_grad():
-        out = model.eval()(**inputs)
-    results[key] = out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
-assert not any(m == "surgeon" or m.startswith("surgeon.") for m in sys.modules)
-torch.save(results, sys.argv[2])
-"""
-
-
-def make_diff(base_dir: str, out_dir: str, recipe: dict, seed: int = 3) -> str:
-    """Patch, then stand in for training: move every trainable tensor (LoRA B included)."""
-    model, _ = surgeon.load_model(base_dir)
-    surgeon.patch(model, recipe)
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.add_(torch.randn_like(param) * 0.1)
-    surgeon.save_diff(model, out_dir, base_dir=base_dir)
-    return out_dir
-
-
-def run_plain(cases: dict, tmp) -> dict:
-    """Outputs of the exported dirs loaded by plain transformers, in a process without surgeon."""
-    src, dst = os.path.join(tmp, "cases.pt"), os.path.join(tmp, "outputs.pt")
-    torch.save(cases, src)
-    proc = subprocess.run(
-        [sys.executable, "-s", "-c", PLAIN_LOADER, src, dst], capture_output=True, text=True,
-        env=dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error"),
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return torch.load(dst)
-
-
-def save_base(family: str, directory: str, **kwargs) -> str:
-    tiny_model(family).save_pretrained(directory, **kwargs)
-    return directory
-
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, minilm_dir):
@@ -300,26 +243,6 @@ def test_refuses_bottleneck_adapters_naming_them(tmp_path):
     _assert_nothing_written(tmp_path, out)
 
 
-def _attention_rule():
-    names = registry.entry_points()
-    if "sliding_window" in names:
-        return {"do": "sliding_window", "select": {"role": "attn"}, "with": {"window": 4}}
-    for name in ("linformer", "latent", "blockwise", "lsh"):
-        if name in names:
-            pytest.skip(f"no parameters known for {name} here")
-    pytest.skip("no efficient-attention action is registered")
-
-
-def test_refuses_attention_variants_naming_them(tmp_path):
-    rule = _attention_rule()
-    base = save_base("bert", str(tmp_path / "base"))
-    diff = make_diff(base, str(tmp_path / "diff"), {"surgeon": 1, "rules": [rule]})
-    out = str(tmp_path / "out")
-    with pytest.raises(SurgeonError, match=r"sliding_window.*encoder\.layer\.0\.attention\.self.*efficient-attention"):
-        export_merged(diff, out, progress=False)
-    _assert_nothing_written(tmp_path, out)
-
-
 def test_refuses_tied_merge_without_untie(tmp_path):
     base = save_base("gpt2", str(tmp_path / "base"))
     recipe = {"surgeon": 1, "rules": [{"do": "lora", "select": {"path": "lm_head"}, "with": {"r": 2}}]}
@@ -331,15 +254,16 @@ def test_refuses_tied_merge_without_untie(tmp_path):
 
 
 def test_non_finite_merge_writes_nothing(tmp_path):
-    from safetensors.torch import load_file, save_file
-
     base = save_base("llama", str(tmp_path / "base"), max_shard_size="20KB")
-    diff = make_diff(base, str(tmp_path / "diff"), LORA_LLAMA)
-    path = os.path.join(diff, "diff.safetensors")
-    tensors = load_file(path)
-    key = sorted(k for k in tensors if k.endswith("mlp.down_proj.surgeon_lora.default.lora_B"))[-1]
-    tensors[key][0, 0] = float("inf")
-    save_file(tensors, path, metadata={"format": "surgeon-diff"})
+    model, _ = surgeon.load_model(base)
+    surgeon.patch(model, LORA_LLAMA)
+    params = dict(model.named_parameters())
+    key = sorted(k for k in params if k.endswith("mlp.down_proj.surgeon_lora.default.lora_B"))[-1]
+    with torch.no_grad():
+        params[key].fill_(0.1)
+        params[key][0, 0] = float("inf")  # a diverged run saved as it is: the file matches its manifest
+    diff = str(tmp_path / "diff")
+    surgeon.save_diff(model, diff, base_dir=base)
     out = str(tmp_path / "out")
     with pytest.raises(SurgeonError, match=r"layers\.2\.mlp\.down_proj\.weight is not finite"):
         export_merged(diff, out, progress=False)
@@ -373,13 +297,13 @@ def test_streaming_in_row_blocks_gives_the_same_tensors(exported, key, path, tmp
     """Big tensors are merged a few rows at a time (linear rows, Conv1D/Embedding columns of A,
     fused slices); force tiny blocks on tiny models and compare with the one-block export —
     also through the generic path that slices a whole `piece.delta()`."""
-    import surgeon.export as export_module
+    import surgeon.export.write as export_module
 
     cases, _ = exported
     _, diff, out, _ = cases[key]
     monkeypatch.setattr(export_module, "_BLOCK_BYTES", 3 * 4 * 32)  # 3 rows of a 32-wide fp32 tensor
     if path == "full_delta":
-        monkeypatch.setattr(export_module, "_lora_adapter_of", lambda piece: None)
+        monkeypatch.setattr(export_module, "lora_adapter_of", lambda piece: None)
     again = str(tmp_path / "again")
     export_merged(diff, again, progress=False)
     want, got = _all_tensors(out), _all_tensors(again)
