@@ -18,7 +18,8 @@ import torch
 from ..errors import SurgeonError
 
 
-def load_tokenizer(base_dir: str):
+def load_tokenizer(base_dir: str, command: str = "train"):
+    """The checkpoint's tokenizer; a failure is one error line starting with `command`."""
     from transformers import AutoTokenizer
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -26,7 +27,7 @@ def load_tokenizer(base_dir: str):
         return AutoTokenizer.from_pretrained(base_dir, local_files_only=True)
     except (OSError, ValueError, TypeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SurgeonError(f"train: cannot load the tokenizer of {base_dir}: {first}") from None
+        raise SurgeonError(f"{command}: cannot load the tokenizer of {base_dir}: {first}") from None
 
 
 def read_text(path: str) -> str:
