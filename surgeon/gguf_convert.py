@@ -21,6 +21,7 @@ import fcntl
 import hashlib
 import json
 import os
+import struct
 import sys
 
 from .errors import CheckpointError, SurgeonError
@@ -83,8 +84,8 @@ def convert(path: str, out_dir: str, *, overwrite: bool = False, progress: bool 
 
     folder, name = os.path.split(os.path.abspath(path))
     if progress:
-        print(f"surgeon: converting {name} ({stat.st_size / 2**20:.0f} MiB GGUF) to an fp32 safetensors "
-              f"checkpoint in {out_dir} (a minute or two)", file=sys.stderr)
+        print(f"surgeon: converting {name} ({stat.st_size / 2**20:.1f} MiB GGUF) to an fp32 safetensors "
+              f"checkpoint in {out_dir} (once; about a minute for 100 MB)", file=sys.stderr)
     with atomic_dir(out_dir, [path], overwrite=overwrite) as tmp:
         try:
             # dequantize=True: every weight unpacked into a plain dense model, and the quantizer
@@ -96,7 +97,8 @@ def convert(path: str, out_dir: str, *, overwrite: bool = False, progress: bool 
             tokenizer = transformers.AutoTokenizer.from_pretrained(
                 folder, gguf_file=name, local_files_only=True
             )
-        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        except (OSError, ValueError, KeyError, RuntimeError, NotImplementedError, EOFError, IndexError,
+                struct.error) as exc:  # what a truncated, corrupt or unsupported file raises in the reader
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise CheckpointError(f"{path}: transformers cannot read this GGUF file: {first}") from None
         model.save_pretrained(tmp)  # safetensors, config.json and generation_config.json
