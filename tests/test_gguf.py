@@ -84,8 +84,10 @@ def tiny(tmp_path, monkeypatch):
 def test_conversion_gives_the_same_model_and_tokenizer(tiny, tmp_path):
     model, tokenizer, path = tiny
     out = gguf_convert.convert(path, str(tmp_path / "out"), progress=False)
-    assert sorted(os.listdir(out)) == ["config.json", "generation_config.json", "model.safetensors",
-                                       "surgeon-gguf.json", "tokenizer.json", "tokenizer_config.json"]  # fmt: skip
+    assert sorted(os.listdir(out)) == [
+        "config.json", "generation_config.json", "model.safetensors", "surgeon-gguf.json", "tokenizer.json",
+        "tokenizer_config.json",
+    ]  # fmt: skip
     converted = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     again = transformers.AutoTokenizer.from_pretrained(out)
     assert type(converted) is transformers.LlamaForCausalLM and converted.dtype == torch.float32
