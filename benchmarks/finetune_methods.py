@@ -338,6 +338,7 @@ def main() -> None:
         "load_avg_end": os.getloadavg(),
         "cpus": os.cpu_count(),
         "threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "quick": args.quick,
         "setup": {
             "model": "all-MiniLM-L6-v2, head on mean-pooled states",
