@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass, field
 
 from .errors import CheckpointError
+from .fsutil import relative_inside
 
 CONFIG = "config.json"
 SINGLE = "model.safetensors"
@@ -81,25 +82,55 @@ def inspect_checkpoint(directory: str, *, allow_pickle: bool = False, need_weigh
                 "loaded; convert them to safetensors or pass --allow-pickle "
                 "(then loaded with torch.load(weights_only=True))"
             )
-        files = [PICKLE_SINGLE] if has(PICKLE_SINGLE) else sorted(
-            set(json.load(open(os.path.join(directory, PICKLE_INDEX)))["weight_map"].values())
-        )
+        files = [PICKLE_SINGLE] if has(PICKLE_SINGLE) else sorted(set(read_index(directory, PICKLE_INDEX).values()))
         return CheckpointInfo(directory, config, "pickle", files)
     if need_weights:
         raise CheckpointError(f"{directory}: no weights (model.safetensors or an index of shards)")
     return CheckpointInfo(directory, config, "none", [])
 
 
+def read_index(directory: str, name: str = INDEX) -> dict[str, str]:
+    """The `weight_map` of a shard index, each file normalised to a path inside `directory`.
+
+    transformers joins each entry to the directory as it stands, so an absolute path or `../x`
+    would read (and an export write) outside it: every entry must resolve inside the checkpoint
+    directory (an absolute path into it is accepted as its relative form), else the index is refused.
+    """
+    path = os.path.join(directory, name)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            index = json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: not a valid shard index ({exc})") from None
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read the shard index ({exc.strerror})") from None
+    if not isinstance(index, dict):
+        raise CheckpointError(f"{path}: not a valid shard index (a JSON {type(index).__name__}, not an object)")
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict):
+        got = "missing" if weight_map is None else f"a JSON {type(weight_map).__name__}"
+        raise CheckpointError(f"{path}: weight_map must be an object of tensor name -> shard file ({got})")
+    if not isinstance(index.get("metadata", {}), dict):
+        raise CheckpointError(f"{path}: metadata must be an object, not a JSON {type(index['metadata']).__name__}")
+    resolved = {}
+    for tensor, entry in weight_map.items():
+        if not isinstance(entry, str):
+            raise CheckpointError(f"{path}: tensor {tensor}: the shard must be a file name, not {entry!r}")
+        inside = relative_inside(directory, entry)
+        if inside is None:
+            raise CheckpointError(
+                f"{path}: tensor {tensor}: shard {entry!r} is not a file inside {directory}; "
+                "a shard index may only name files in its own checkpoint directory"
+            )
+        resolved[tensor] = inside
+    return resolved
+
+
 def _inspect_sharded(directory: str, config: dict) -> CheckpointInfo:
     index_path = os.path.join(directory, INDEX)
-    try:
-        with open(index_path, encoding="utf-8") as handle:
-            index = json.load(handle)
-        weight_map = index["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{index_path}: not a valid shard index ({exc})") from None
+    weight_map = read_index(directory)
     files = sorted(set(weight_map.values()))
-    info = CheckpointInfo(directory, config, "safetensors", files, dict(weight_map), sharded=True)
+    info = CheckpointInfo(directory, config, "safetensors", files, weight_map, sharded=True)
     for file in files:
         if not os.path.isfile(os.path.join(directory, file)):
             raise CheckpointError(f"{index_path}: shard {file} is listed but missing")

@@ -35,7 +35,7 @@ def cli() -> None:
 @click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), help="Output directory for the diff.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (rules, matched modules) and write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@click.option("--force", is_flag=True, help="Replace OUT if it exists (atomically).")
+@click.option("--force", is_flag=True, help="Replace OUT if it is surgeon's own output (atomically).")
 @click.option("--allow-pickle", is_flag=True, help="Allow pickle .bin weights (loaded with weights_only=True).")
 @friendly
 def apply(recipe_path, model_dir, out_dir, dry_run, as_json, force, allow_pickle):
@@ -53,7 +53,7 @@ def apply(recipe_path, model_dir, out_dir, dry_run, as_json, force, allow_pickle
     from .checkpoint import inspect_checkpoint, load_model
     from .diff import save_diff
     from .engine import patch
-    from .fsutil import check_output
+    from .fsutil import check_paths
 
     if dry_run:
         from .checkpoint import build_meta_model
@@ -64,7 +64,7 @@ def apply(recipe_path, model_dir, out_dir, dry_run, as_json, force, allow_pickle
         _print_plan(surgery)
         return
     inspect_checkpoint(model_dir, allow_pickle=allow_pickle)
-    check_output(out_dir, [model_dir], overwrite=force)
+    check_paths(inputs=[recipe_path, model_dir], outputs=[out_dir], overwrite=force)
     model, _ = load_model(model_dir, allow_pickle=allow_pickle)
     surgery = patch(model, recipe)
     report = surgery.report()

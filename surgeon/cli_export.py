@@ -19,7 +19,7 @@ from .cli_common import friendly, quiet_transformers
     help="hf: a plain transformers checkpoint with LoRA merged; peft: a PEFT LoRA adapter directory.",
 )  # fmt: skip
 @click.option("--adapter", "adapters", multiple=True, help="LoRA adapter(s) to export (repeatable; peft: exactly one).")
-@click.option("--force", is_flag=True, help="Replace OUT if it exists (atomically).")
+@click.option("--force", is_flag=True, help="Replace OUT if it is surgeon's own output (atomically).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @friendly
 def export_cmd(diff_dir, out_dir, base_dir, fmt, adapters, force, no_progress):
@@ -56,7 +56,7 @@ def export_cmd(diff_dir, out_dir, base_dir, fmt, adapters, force, no_progress):
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output directory for the diff.")
 @click.option("--base", "base_dir", type=click.Path(file_okay=False), help="Base model dir (default: base_model_name_or_path).")
 @click.option("--name", default="default", show_default=True, help="Adapter name in the surgeon diff.")
-@click.option("--force", is_flag=True, help="Replace OUT if it exists (atomically).")
+@click.option("--force", is_flag=True, help="Replace OUT if it is surgeon's own output (atomically).")
 @friendly
 def import_peft_cmd(peft_dir, out_dir, base_dir, name, force):
     """Turn the PEFT LoRA adapter in PEFT_DIR into a surgeon diff (loadable with `surgeon.load`)."""

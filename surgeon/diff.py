@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+from collections.abc import Iterable
 
 import pydantic
 import torch
@@ -24,12 +25,12 @@ from . import __version__
 from .checkpoint import CheckpointInfo, inspect_checkpoint, load_model, read_json_in
 from .engine import patch, surgery_of, tensor_hash
 from .errors import CheckpointError, SurgeonError
-from .fsutil import atomic_dir
+from .fs_marker import DIFF_FILE, DIFF_FORMAT, DIFF_MANIFEST
+from .fsutil import atomic_dir, relative_inside
 from .recipe import Recipe, load_recipe
 
-DIFF_FILE = "diff.safetensors"
-MANIFEST = "manifest.json"
-FORMAT = "surgeon-diff"
+MANIFEST = DIFF_MANIFEST  # a diff is recognised as surgeon's by its manifest (surgeon.fs_marker)
+FORMAT = DIFF_FORMAT
 FORMAT_VERSION = 1
 
 
@@ -67,8 +68,14 @@ def diff_tensors(model) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_diff(model, out_dir: str, *, base_dir: str | None = None, overwrite: bool = False) -> dict:
-    """Write the diff of a patched model to `out_dir` atomically; return the manifest."""
+def save_diff(
+    model, out_dir: str, *, base_dir: str | None = None, overwrite: bool = False, inputs: Iterable[str] = ()
+) -> dict:
+    """Write the diff of a patched model to `out_dir` atomically; return the manifest.
+
+    The base, the recipe files the model was patched from and `inputs` (anything else the caller
+    read: a PEFT dir, data files) are all checked against `out_dir` (`surgeon.fsutil.check_paths`).
+    """
     from safetensors.torch import save_file
 
     surgery = surgery_of(model)
@@ -108,7 +115,8 @@ def save_diff(model, out_dir: str, *, base_dir: str | None = None, overwrite: bo
             for name, t in tensors.items()
         },
     }
-    with atomic_dir(out_dir, [base_dir], overwrite=overwrite) as tmp:
+    recipe_files = [r.source for r in surgery.recipes if r.directory is not None]
+    with atomic_dir(out_dir, [base_dir, *recipe_files, *inputs], overwrite=overwrite) as tmp:
         save_file(tensors, os.path.join(tmp, DIFF_FILE), metadata={"format": FORMAT})
         for i, recipe in enumerate(surgery.recipes):
             with open(os.path.join(tmp, _recipe_file(i)), "w", encoding="utf-8") as handle:
@@ -168,8 +176,16 @@ def load_recipes(diff_dir: str, manifest: dict) -> list[Recipe]:
     was saved: a later surgeon whose defaults changed (e.g. `summary_keys`) still rebuilds the
     function the tensors were trained in."""
     recipes = []
-    for file in manifest.get("recipes") or ["recipe.yaml"]:
-        path = os.path.join(diff_dir, file)
+    files = manifest.get("recipes") or ["recipe.yaml"]
+    if not isinstance(files, list):
+        raise CheckpointError(f"{os.path.join(diff_dir, MANIFEST)}: recipes must be a list of file names")
+    for file in files:
+        inside = relative_inside(diff_dir, file) if isinstance(file, str) else None
+        if inside is None or os.sep in inside:
+            raise CheckpointError(
+                f"{os.path.join(diff_dir, MANIFEST)}: recipes: {file!r} is not a file name in {diff_dir}"
+            )
+        path = os.path.join(diff_dir, inside)
         if not os.path.isfile(path):
             raise CheckpointError(f"{diff_dir}: {file} listed in the manifest is missing")
         recipes.append(load_recipe(path))

@@ -38,7 +38,7 @@ from .checkpoint import INDEX, CheckpointInfo, build_meta_model, inspect_checkpo
 from .diff import DIFF_FILE, check_base, check_stored_names, load_recipes, read_manifest
 from .engine import Surgery, patch
 from .errors import CheckpointError, SurgeonError
-from .fsutil import atomic_dir, check_output
+from .fsutil import atomic_dir, check_output, output_path
 
 LORA_MARK = ".surgeon_lora."
 # Files that hold weights of the base: copying them would ship stale, unmerged weights.
@@ -361,12 +361,12 @@ def export_merged(
     readers: dict[str, ShardReader] = {}
     written = {"tensors": 0, "merged": 0, "from_diff": 0, "bytes": 0}
     try:
-        with atomic_dir(out_dir, [base_dir, diff_dir], overwrite=overwrite) as tmp:
+        with atomic_dir(out_dir, [base_dir, diff_dir], overwrite=overwrite, kind="hf-export") as tmp:
             with tqdm(total=total, desc="export", unit="tensor", disable=not progress) as bar:
                 for file, outs in layout.items():
                     base_meta = _reader(readers, meta, ("base", file, ""))  # keep the shard's metadata
                     writer = ShardWriter(
-                        os.path.join(tmp, file),
+                        output_path(tmp, file),  # file: a validated index entry, still checked here
                         [(o.name, o.dtype, o.shape) for o in outs],
                         base_meta.metadata or {"format": "pt"},
                     )
@@ -629,6 +629,11 @@ def _write_config(tmp: str, meta: MetaDiff, changes: dict) -> None:
         handle.write("\n")
 
 
+def _linked_dirs(directory: str, names: list[str]) -> list[str]:
+    """copytree's ignore: links to directories (followed, they could copy any tree on disk)."""
+    return [n for n in names if os.path.islink(os.path.join(directory, n)) and os.path.isdir(os.path.join(directory, n))]
+
+
 def _copy_small_files(base_dir: str, tmp: str, info: CheckpointInfo) -> tuple[list[str], list[str]]:
     """Copy tokenizer files, generation config, README … — everything but weights and config."""
     skip = set(info.files) | {INDEX, "config.json"}
@@ -644,12 +649,15 @@ def _copy_small_files(base_dir: str, tmp: str, info: CheckpointInfo) -> tuple[li
             shutil.copyfile(path, os.path.join(tmp, entry))
             copied.append(entry)
         elif os.path.isdir(path):
+            if os.path.islink(path):
+                skipped.append(entry + "/")  # a linked folder may lead anywhere (even to /)
+                continue
             holds_weights = any(
                 f.endswith(_WEIGHT_SUFFIXES) for _, _, files in os.walk(path) for f in files
             )
             if holds_weights:
                 skipped.append(entry + "/")
                 continue
-            shutil.copytree(path, os.path.join(tmp, entry))
+            shutil.copytree(path, os.path.join(tmp, entry), ignore=_linked_dirs)
             copied.append(entry + "/")
     return copied, skipped

@@ -117,7 +117,7 @@ def export_peft(
         else:
             tensors[f"{PEFT_PREFIX}{m.path}.lora_A.weight"] = m.a.contiguous()
             tensors[f"{PEFT_PREFIX}{m.path}.lora_B.weight"] = m.b.contiguous()
-    with atomic_dir(out_dir, [meta.base_dir, diff_dir], overwrite=overwrite) as tmp:
+    with atomic_dir(out_dir, [meta.base_dir, diff_dir], overwrite=overwrite, kind="peft-adapter") as tmp:
         save_file(tensors, os.path.join(tmp, PEFT_WEIGHTS), metadata={"format": "pt"})
         with open(os.path.join(tmp, PEFT_CONFIG), "w", encoding="utf-8") as handle:
             json.dump(config, handle, indent=2)
@@ -335,7 +335,7 @@ def import_peft(
                 )
             loaded[target] = tensor.to(state[target].dtype)
     model.load_state_dict(loaded, strict=False, assign=True)
-    return diff_module.save_diff(model, out_diff_dir, base_dir=base_dir, overwrite=overwrite)
+    return diff_module.save_diff(model, out_diff_dir, base_dir=base_dir, overwrite=overwrite, inputs=[peft_dir])
 
 
 def _check_saved_base(key: str, tensor: torch.Tensor, peft_dir: str, base_dir: str, modules, model) -> None:

@@ -268,16 +268,21 @@ def test_refuses_output_in_or_inside_an_input(bert_diff, where):
     assert _listing(base) + _listing(diff) == before
 
 
-def test_existing_output_needs_force(bert_diff, tmp_path):
+def test_existing_output_needs_force_and_force_replaces_only_surgeons(bert_diff, tmp_path):
     _, diff = bert_diff
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(SurgeonError, match="already exists"):
-        export_merged(diff, str(out), progress=False)
-    assert (out / "keep.txt").read_text() == "mine"
-    export_merged(diff, str(out), progress=False, overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+    for overwrite in (False, True):  # not surgeon's: refused even with --force
+        with pytest.raises(SurgeonError, match="already exists and was not written by surgeon"):
+            export_merged(diff, str(out), progress=False, overwrite=overwrite)
+    assert os.listdir(out) == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
+    mine = tmp_path / "merged"
+    export_merged(diff, str(mine), progress=False)
+    with pytest.raises(SurgeonError, match="already exists and is not empty"):
+        export_merged(diff, str(mine), progress=False)
+    export_merged(diff, str(mine), progress=False, overwrite=True)  # its marker makes it replaceable
+    assert (mine / "model.safetensors").exists() and (mine / ".surgeon-output.json").exists()
 
 
 def _assert_nothing_written(tmp_path, out):

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 import surgeon
 from surgeon.cli_export import export_cmd, import_peft_cmd
 from surgeon.errors import SurgeonError
+from surgeon.fs_marker import MARKER
 from surgeon.peft_io import export_peft, import_peft
 
 peft = pytest.importorskip("peft")
@@ -85,7 +86,8 @@ def test_surgeon_to_peft_same_outputs(family, tmp_path, minilm_dir):
     diff = make_diff(base, str(tmp_path / "diff"), RECIPES[family])
     out = str(tmp_path / "peft")
     config = export_peft(diff, out)
-    assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors"]
+    # the marker lets a later --force replace this directory (and nothing else)
+    assert sorted(os.listdir(out)) == [MARKER, "adapter_config.json", "adapter_model.safetensors"]
     assert config["fan_in_fan_out"] == (family == "gpt2")
     keys = load_file(os.path.join(out, "adapter_model.safetensors"))
     assert all(k.startswith("base_model.model.") and "surgeon" not in k for k in keys)
