@@ -86,7 +86,7 @@ def convert(path: str, out_dir: str, *, overwrite: bool = False, progress: bool 
     if progress:
         print(f"surgeon: converting {name} ({stat.st_size / 2**20:.1f} MiB GGUF) to an fp32 safetensors "
               f"checkpoint in {out_dir} (once; about a minute for 100 MB)", file=sys.stderr)
-    with atomic_dir(out_dir, [path], overwrite=overwrite) as tmp:
+    with atomic_dir(out_dir, [path], overwrite=overwrite, kind="gguf-import") as tmp:
         try:
             # dequantize=True: every weight unpacked into a plain dense model, and the quantizer
             # detached afterwards (save_pretrained refuses a model that still has one)

@@ -85,7 +85,7 @@ def test_conversion_gives_the_same_model_and_tokenizer(tiny, tmp_path):
     model, tokenizer, path = tiny
     out = gguf_convert.convert(path, str(tmp_path / "out"), progress=False)
     assert sorted(os.listdir(out)) == [
-        "config.json", "generation_config.json", "model.safetensors", "surgeon-gguf.json", "tokenizer.json",
+        ".surgeon-output.json", "config.json", "generation_config.json", "model.safetensors", "surgeon-gguf.json", "tokenizer.json",
         "tokenizer_config.json",
     ]  # fmt: skip
     converted = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
@@ -142,6 +142,7 @@ def test_import_gguf_command(tiny, tmp_path):
     assert runner.invoke(cli, ["import-gguf", path, "-o", str(out)]).exit_code == 0
     again = runner.invoke(cli, ["import-gguf", path, "-o", str(out)])
     assert again.exit_code == 2 and "already exists" in again.output
+    assert runner.invoke(cli, ["import-gguf", path, "-o", str(out), "--force"]).exit_code == 0  # surgeon's own
     holds = runner.invoke(cli, ["import-gguf", path, "-o", os.path.dirname(path), "--force"])
     assert holds.exit_code == 2 and "contains the input" in holds.output and os.path.isfile(path)
 
