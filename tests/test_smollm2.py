@@ -116,6 +116,18 @@ def lora_diff(smollm2_dir, tmp_path_factory) -> str:
     return str(tmp / "trained")
 
 
+@pytest.fixture(scope="module")
+def dense(smollm2_dir):
+    """The converted checkpoint, loaded once for the tests that only read it."""
+    return surgeon.load_model(smollm2_dir)[0]
+
+
+@pytest.fixture(scope="module")
+def trained(smollm2_dir, lora_diff):
+    """The trained diff loaded onto its base (surgeon.load)."""
+    return surgeon.load(smollm2_dir, lora_diff)
+
+
 def _clm_loss(model, tokenizer) -> float:
     ids = tokenizer(TEXT * 2, return_tensors="pt")["input_ids"][:, :64]
     with torch.no_grad():
@@ -134,16 +146,14 @@ def test_report_from_config_alone(smollm2_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_clm_training_with_lora_lowers_the_loss(smollm2_dir, lora_diff, tokenizer):
-    base, _ = surgeon.load_model(smollm2_dir)
-    before = _clm_loss(base, tokenizer)
-    after = _clm_loss(surgeon.load(smollm2_dir, lora_diff), tokenizer)
+def test_clm_training_with_lora_lowers_the_loss(dense, trained, tokenizer):
+    before, after = _clm_loss(dense, tokenizer), _clm_loss(trained, tokenizer)
     assert after < before - 0.3, (before, after)
 
 
 @pytest.mark.slow
-def test_merged_export_loads_in_plain_transformers_with_the_patched_outputs(smollm2_dir, lora_diff, tokenizer,
-                                                                            tmp_path):  # fmt: skip
+def test_merged_export_gives_the_patched_logits_in_plain_transformers(lora_diff, dense, trained, tokenizer,
+                                                                      tmp_path):  # fmt: skip
     out = tmp_path / "merged"
     result = invoke("export", lora_diff, "-o", out, "--no-progress")
     assert result.exit_code == 0, result.output
@@ -151,29 +161,26 @@ def test_merged_export_loads_in_plain_transformers_with_the_patched_outputs(smol
     inputs = {"input_ids": tokenizer(TEXT, return_tensors="pt")["input_ids"][:, :48]}
     plain = run_plain({"merged": (str(out), inputs)}, str(tmp_path))["merged"]
     with torch.no_grad():
-        patched = surgeon.load(smollm2_dir, lora_diff)(**inputs).logits
-        base = surgeon.load_model(smollm2_dir)[0](**inputs).logits
+        patched, base = trained(**inputs).logits, dense(**inputs).logits
     assert (patched - base).abs().max() > 0.1  # training moved the model
     torch.testing.assert_close(plain, patched, atol=2e-4, rtol=1e-4)
 
 
 @pytest.mark.slow
-def test_peft_export_gives_the_same_logits(smollm2_dir, lora_diff, tokenizer, tmp_path):
+def test_peft_export_gives_the_same_logits(lora_diff, dense, trained, tokenizer, tmp_path):
     peft = pytest.importorskip("peft")
     out = tmp_path / "peft"
     result = invoke("export", lora_diff, "-o", out, "--format", "peft")
     assert result.exit_code == 0, result.output
     ids = tokenizer(TEXT, return_tensors="pt")["input_ids"][:, :48]
-    base = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir)
-    with torch.no_grad():
-        theirs = peft.PeftModel.from_pretrained(base, str(out)).eval()(input_ids=ids).logits
-        ours = surgeon.load(smollm2_dir, lora_diff)(input_ids=ids).logits
+    with torch.no_grad():  # PEFT wraps the model it is given in place: give it a copy
+        theirs = peft.PeftModel.from_pretrained(copy.deepcopy(dense), str(out)).eval()(input_ids=ids).logits
+        ours = trained(input_ids=ids).logits
     torch.testing.assert_close(theirs, ours, atol=2e-4, rtol=1e-4)
 
 
 @pytest.mark.slow
-def test_sliding_window_covering_the_text_generates_what_dense_does(smollm2_dir, tokenizer):
-    dense, _ = surgeon.load_model(smollm2_dir)
+def test_sliding_window_covering_the_text_generates_what_dense_does(dense, tokenizer):
     prompt = "Write one sentence about the sea:"
     new = 24
     n = len(tokenizer(prompt)["input_ids"]) + new
