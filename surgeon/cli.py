@@ -313,9 +313,12 @@ def recipes_cmd(name, as_json):
 
 from .cli_train import train_cmd  # noqa: E402
 cli.add_command(train_cmd, "train")
-from .cli_export import export_cmd, import_peft_cmd  # noqa: E402
+from .cli_export import export_cmd, import_gguf_cmd, import_peft_cmd  # noqa: E402
 cli.add_command(export_cmd, "export")
 cli.add_command(import_peft_cmd, "import-peft")
+cli.add_command(import_gguf_cmd, "import-gguf")
+from .cli_generate import generate_cmd  # noqa: E402
+cli.add_command(generate_cmd, "generate")
 
 
 def main() -> None:

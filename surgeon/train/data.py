@@ -25,7 +25,8 @@ MiB = 1 << 20
 DEFAULT_MAX_BYTES = int(DEFAULT_MAX_DATA_MB * MiB)
 
 
-def load_tokenizer(base_dir: str):
+def load_tokenizer(base_dir: str, command: str = "train"):
+    """The checkpoint's tokenizer; a failure is one error line starting with `command`."""
     from transformers import AutoTokenizer
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -33,7 +34,7 @@ def load_tokenizer(base_dir: str):
         return AutoTokenizer.from_pretrained(base_dir, local_files_only=True)
     except (OSError, ValueError, TypeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SurgeonError(f"train: cannot load the tokenizer of {base_dir}: {first}") from None
+        raise SurgeonError(f"{command}: cannot load the tokenizer of {base_dir}: {first}") from None
 
 
 @dataclass(frozen=True)
