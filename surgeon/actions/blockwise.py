@@ -4,6 +4,7 @@
 - do: blockwise
   select: {role: attn}
   with: {block_size: 128, permutations: 2}   # or explicit: [[0, 1, 2, 3], [1, 0, 3, 2]]
+                                             # kernel: auto | sdpa | flex (auto: flex on CUDA)
 ```
 Query block i of head group g attends key block π_g(i) only; `permutations: G` splits the
 heads into G groups using the cyclic shifts 0 … G-1 (group 0 is the identity, i.e. local
@@ -22,6 +23,7 @@ from ..attention.targets import check_attention_target
 from ..attention.variants_local import BlockwiseVariant, heads_of
 from ..errors import SurgeonError
 from .base import Action, params_config
+from .kernel_choice import Kernel, kernel_field
 from .limits import MAX_HEAD_GROUPS, HeadGroups, Length
 
 
@@ -31,6 +33,7 @@ class BlockwiseParams(pydantic.BaseModel):
     permutations: HeadGroups | Annotated[list[list[int]], pydantic.Field(min_length=1, max_length=MAX_HEAD_GROUPS)] = (
         pydantic.Field(1, description="head groups (cyclic block shifts) or explicit block permutations")
     )
+    kernel: Kernel = kernel_field()
 
     @pydantic.field_validator("permutations")
     @classmethod
@@ -70,5 +73,6 @@ class Blockwise(Action):
             )
 
     def apply(self, target, params, ctx) -> None:
-        variant = BlockwiseVariant(block_size=params.block_size, permutations=params.permutations)
+        variant = BlockwiseVariant(block_size=params.block_size, permutations=params.permutations,
+                                   kernel=params.kernel)  # fmt: skip
         ctx.attach_attention(target, variant)

@@ -18,6 +18,7 @@ from ..attention.targets import check_attention_target
 from ..attention.variants_compressed import LatentAttention, kv_heads_and_dim
 from ..errors import SurgeonError
 from .base import Action, params_config
+from .kernel_choice import Kernel, check_kernel_has_a_band, kernel_field
 from .limits import Band, Length, Seed, check_added_elements
 
 
@@ -35,6 +36,12 @@ class LatentParams(pydantic.BaseModel):
     # > 0: every query also attends the keys within ±local_window/2 exactly, in the same softmax
     # (Long-Short Transformer, Zhu et al. 2021): what m slots cannot hold, e.g. "the previous token"
     local_window: Band = 0
+    kernel: Kernel = kernel_field()  # the local_window band's kernel
+
+    @pydantic.model_validator(mode="after")
+    def _band(self) -> LatentParams:
+        check_kernel_has_a_band(self.kernel, self.local_window)
+        return self
 
 
 class Latent(Action):
@@ -58,7 +65,7 @@ class Latent(Action):
         seed = params.seed + (target.layer.index if target.layer is not None else 0)
         variant = LatentAttention(
             params.m, kv_heads, head_dim, seed=seed, summary_keys=params.summary_keys,
-            local_window=params.local_window, dtype=weight.dtype, device=weight.device,
+            local_window=params.local_window, kernel=params.kernel, dtype=weight.dtype, device=weight.device,
             where=target.display,
         )  # fmt: skip
         ctx.attach_attention(target, variant)

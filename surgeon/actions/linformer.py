@@ -26,6 +26,7 @@ from ..attention.targets import check_attention_target
 from ..attention.variants_compressed import LinformerAttention, max_positions
 from ..errors import SurgeonError
 from .base import Action, params_config
+from .kernel_choice import Kernel, check_kernel_has_a_band, kernel_field
 from .limits import Band, Length, Seed, check_added_elements, too_many_elements
 
 
@@ -40,9 +41,11 @@ class LinformerParams(pydantic.BaseModel):
     # > 0: every query also attends the keys within ±local_window/2 exactly, in the same softmax
     # (Long-Short Transformer, Zhu et al. 2021): what k slots cannot hold, e.g. "the previous token"
     local_window: Band = 0
+    kernel: Kernel = kernel_field()  # the local_window band's kernel
 
     @pydantic.model_validator(mode="after")
     def _fits(self) -> LinformerParams:
+        check_kernel_has_a_band(self.kernel, self.local_window)
         if self.max_length is not None:
             if self.k > self.max_length:
                 raise ValueError(f"k={self.k} exceeds max_length={self.max_length}")
@@ -80,7 +83,8 @@ class Linformer(Action):
         shared = ctx.state.get("linformer_proj") if params.share == "layer" else None
         variant = LinformerAttention(
             params.k, length, share=params.share, init=params.init, seed=params.seed, dtype=weight.dtype,
-            device=weight.device, shared=shared, local_window=params.local_window, where=target.display,
+            device=weight.device, shared=shared, local_window=params.local_window, kernel=params.kernel,
+            where=target.display,
         )  # fmt: skip
         if params.share == "layer" and shared is None:
             ctx.state["linformer_proj"] = variant.proj_k  # owned by the first layer

@@ -9,6 +9,7 @@ modules, keeping their Q/K/V/O weights.
                                     # or an int, or a list with one value per layer
     dilation: [1, 1, 2, 2]          # per head group (equal contiguous slices of the heads)
     global_tokens: [0]              # e.g. [CLS]; per call also model(..., global_attention_mask=m)
+    kernel: auto                    # auto (flex on CUDA, sdpa on CPU), sdpa or flex
 ```
 `window` w means ±w/2 on bidirectional modules and a look-back of w keys (itself included) on
 causal ones (`module.is_causal`). A window covering the input is exactly dense attention.
@@ -24,6 +25,7 @@ from ..attention.targets import check_attention_target
 from ..attention.variants_local import SlidingWindowVariant, as_list, heads_of
 from ..errors import SurgeonError
 from .base import Action, params_config
+from .kernel_choice import Kernel, kernel_field
 from .limits import Length, Position
 
 
@@ -47,6 +49,7 @@ class SlidingWindowParams(pydantic.BaseModel):
         default_factory=list, description="positions that attend to and are attended by all"
     )
     block_size: Length | None = pydantic.Field(None, description="kernel query block (tuning only)")
+    kernel: Kernel = kernel_field()
 
 
 def max_positions(model) -> int | None:
@@ -115,5 +118,6 @@ class SlidingWindow(Action):
             global_tokens=sorted(set(params.global_tokens)),
             block_size=params.block_size,
             causal=bool(getattr(target.module, "is_causal", False)),
+            kernel=params.kernel,
         )
         ctx.attach_attention(target, variant)

@@ -63,11 +63,12 @@ class LinformerAttention(nn.Module):
         device: torch.device | str = "cpu",
         shared: nn.Parameter | None = None,
         local_window: int = 0,
+        kernel: str = "auto",
         where: str = "",
     ):
         super().__init__()
         self.k, self.max_length, self.share, self.where = k, max_length, share, where
-        self.local_window = local_window
+        self.local_window, self.kernel = local_window, kernel  # kernel: the band's (kernels.route.KERNELS)
         self._shared: list[nn.Parameter] = [] if shared is None else [shared]
         if shared is None:
             generator = torch.Generator().manual_seed(seed)
@@ -104,13 +105,15 @@ class LinformerAttention(nn.Module):
         return linformer_attention(
             query, key, value, proj_k, proj_v,
             key_padding_mask=key_padding_mask, scaling=scaling, dropout=dropout, local_window=self.local_window,
+            method=self.kernel,
         )  # fmt: skip
 
     def cost(self, n: int, heads: int, head_dim: int) -> dict:
         return linformer_cost(n, heads, head_dim, self.k, self.local_window)
 
     def extra_repr(self) -> str:
-        return f"k={self.k}, max_length={self.max_length}, share={self.share}, local_window={self.local_window}"
+        kernel = f", kernel={self.kernel}" if self.kernel != "auto" else ""
+        return f"k={self.k}, max_length={self.max_length}, share={self.share}, local_window={self.local_window}{kernel}"
 
 
 class LatentAttention(nn.Module):
@@ -120,10 +123,11 @@ class LatentAttention(nn.Module):
 
     def __init__(self, m: int, kv_heads: int, head_dim: int, *, seed: int = 0,
                  summary_keys: Literal["attended", "latent"] = "latent", local_window: int = 0,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 kernel: str = "auto", dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
                  where: str = ""):  # fmt: skip
         super().__init__()
         self.m, self.summary_keys, self.local_window, self.where = m, summary_keys, local_window, where
+        self.kernel = kernel  # the band's (kernels.route.KERNELS)
         if torch.device(device).type == "meta":  # a dry run: shapes only, nothing computed
             latents = torch.empty(kv_heads, m, head_dim, dtype=dtype, device="meta")
         else:
@@ -142,14 +146,15 @@ class LatentAttention(nn.Module):
         return latent_attention(
             query, key, value, self.latents,
             key_padding_mask=key_padding_mask, scaling=scaling, dropout=dropout,
-            summary_keys=self.summary_keys, local_window=self.local_window,
+            summary_keys=self.summary_keys, local_window=self.local_window, method=self.kernel,
         )  # fmt: skip
 
     def cost(self, n: int, heads: int, head_dim: int) -> dict:
         return latent_cost(n, heads, head_dim, self.m, self.summary_keys, self.local_window)
 
     def extra_repr(self) -> str:
-        return (f"m={self.m}, summary_keys={self.summary_keys}, local_window={self.local_window}, "
+        kernel = f"kernel={self.kernel}, " if self.kernel != "auto" else ""
+        return (f"m={self.m}, summary_keys={self.summary_keys}, local_window={self.local_window}, {kernel}"
                 f"latents={tuple(self.latents.shape)}")  # fmt: skip
 
 

@@ -43,6 +43,7 @@ class SlidingWindowVariant:
     global_tokens: list[int] = field(default_factory=list)
     block_size: int | None = None
     causal: bool = False  # the module's own is_causal, for cost(); calls pass it again
+    kernel: str = "auto"  # kernels.route.KERNELS: "auto" (by device), "sdpa" or "flex"
     name: str = "sliding_window"
 
     def forward_attention(
@@ -56,7 +57,7 @@ class SlidingWindowVariant:
         return sliding_window_attention(
             query, key, value, window=self.window, causal=causal, dilation=self.dilation,
             global_mask=glob, key_padding_mask=key_padding_mask, scaling=scaling,
-            dropout=dropout, block_size=self.block_size,
+            dropout=dropout, block_size=self.block_size, method=self.kernel,
         )  # fmt: skip
 
     def _global_mask(self, b, n_k, device, per_call, module) -> Tensor | None:
@@ -87,6 +88,7 @@ class SlidingWindowVariant:
     def describe(self) -> str:
         extra = f", dilation {self.dilation}" if self.dilation != 1 else ""
         extra += f", global {self.global_tokens}" if self.global_tokens else ""
+        extra += f", kernel {self.kernel}" if self.kernel != "auto" else ""
         return f"sliding window {self.window}{extra}"
 
 
@@ -96,6 +98,7 @@ class BlockwiseVariant:
 
     block_size: int
     permutations: int | list[list[int]] = 1
+    kernel: str = "auto"  # kernels.route.KERNELS: "auto" (by device), "sdpa" or "flex"
     name: str = "blockwise"
 
     def forward_attention(
@@ -106,7 +109,7 @@ class BlockwiseVariant:
         return blockwise_attention(
             query, key, value, block_size=self.block_size, causal=causal,
             permutations=self.permutations, key_padding_mask=key_padding_mask,
-            scaling=scaling, dropout=dropout,
+            scaling=scaling, dropout=dropout, method=self.kernel,
         )  # fmt: skip
 
     def cost(self, n: int, heads: int, head_dim: int) -> dict:
@@ -114,7 +117,8 @@ class BlockwiseVariant:
         return {"flops": 4 * heads * head_dim * pairs, "score_bytes": 4 * heads * pairs}
 
     def describe(self) -> str:
-        return f"blockwise {self.block_size}, permutations {self.permutations}"
+        kernel = f", kernel {self.kernel}" if self.kernel != "auto" else ""
+        return f"blockwise {self.block_size}, permutations {self.permutations}{kernel}"
 
 
 def heads_of(module: torch.nn.Module) -> int | None:

@@ -12,6 +12,8 @@ future), so a causal call attends causally *inside the diagonal block*: query p 
 ⌊p/b⌋·b … p. Other permutations are refused with an error.
 
 Queries are the last n_q of the n_k keys (decode with a KV cache is the same function).
+route.choose_kernel picks the kernel: the fused sdpa calls here (every block one batch entry), or
+— on CUDA by default — one FlexAttention call with the pattern as a predicate (flex.py).
 Key padding: masked keys are never attended; a query with no attendable key outputs zeros.
 """
 
@@ -24,7 +26,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ...errors import SurgeonError
+from .flex import check_flex_inputs, flex_blockwise_attention
 from .primitives import attend, expand_kv
+from .route import FLEX, choose_kernel
 
 __all__ = ["blockwise_attention", "block_permutations"]
 
@@ -57,6 +61,7 @@ def blockwise_attention(
     key_padding_mask: Tensor | None = None,  # (B, n_k) bool, True = real token
     scaling: float | None = None,
     dropout: float = 0.0,
+    method: str = "auto",  # "auto" (route.choose_kernel), "sdpa" or "flex"
 ) -> Tensor:  # (B, H, n_q, D)
     b, h, n_q, d = query.shape
     n_k = key.shape[2]
@@ -82,6 +87,12 @@ def blockwise_attention(
             f"blockwise_attention: {len(perms)} permutation head groups do not divide {h} heads"
         )
     scale = d**-0.5 if scaling is None else scaling
+    kernel = choose_kernel(method, device_type=query.device.type, dtype=query.dtype, n_q=n_q, dropout=dropout,
+                           what="blockwise_attention")  # fmt: skip
+    if kernel == FLEX:
+        check_flex_inputs("blockwise_attention", dropout, query, key, value)
+        return flex_blockwise_attention(query, key, value, block_size=block_size, causal=causal, perms=perms,
+                                        key_padding_mask=key_padding_mask, scale=scale)  # fmt: skip
     key, value = expand_kv(key, h), expand_kv(value, h)  # (B, H, n_k, D)
     group = h // len(perms)
     out = query.new_empty(b, h, n_q, d)

@@ -39,6 +39,7 @@ def latent_attention(
     dropout: float = 0.0,
     summary_keys: str = "latent",  # "latent": Z; "attended": A·K
     local_window: int = 0,  # > 0: also attend keys within ±local_window/2 exactly (short_range.py)
+    method: str = "auto",  # the band's route (route.METHODS), with local_window > 0
 ) -> Tensor:  # (B, H, n_q, D)
     if summary_keys not in ("attended", "latent"):
         raise ValueError(f"summary_keys must be 'attended' or 'latent', got {summary_keys!r}")
@@ -60,7 +61,7 @@ def latent_attention(
         sum_v = sum_v.repeat_interleave(groups, dim=1)
     if local_window > 0:
         return with_short_range(query, key, value, sum_k, sum_v, window=local_window, far_mask=None,
-                                key_padding_mask=key_padding_mask, scaling=scaling, dropout=dropout)  # fmt: skip
+                                key_padding_mask=key_padding_mask, scaling=scaling, dropout=dropout, method=method)  # fmt: skip
     return F.scaled_dot_product_attention(query, sum_k, sum_v, dropout_p=dropout, scale=scaling)
 
 

@@ -76,6 +76,7 @@ def linformer_attention(
     scaling: float,
     dropout: float = 0.0,
     local_window: int = 0,  # > 0: also attend keys within ±local_window/2 exactly (short_range.py)
+    method: str = "auto",  # the band's route (route.METHODS), with local_window > 0
 ) -> Tensor:  # (B, H, n_q, D)
     n = key.shape[2]
     n_max = proj_k.shape[1]
@@ -98,7 +99,7 @@ def linformer_attention(
         pv = pv.repeat_interleave(groups, dim=1)
     if local_window > 0:
         return with_short_range(query, *tokens, pk, pv, window=local_window, far_mask=live,
-                                key_padding_mask=key_padding_mask, scaling=scaling, dropout=dropout)  # fmt: skip
+                                key_padding_mask=key_padding_mask, scaling=scaling, dropout=dropout, method=method)  # fmt: skip
     return F.scaled_dot_product_attention(
         query, pk, pv, attn_mask=live, dropout_p=dropout, scale=scaling
     )

@@ -1,6 +1,13 @@
-"""Which route computes a sliding-window pattern — the one place that decides.
+"""Which route computes a local attention pattern — the one place that decides.
 
-Two routes compute the same function:
+First the kernel family (`choose_kernel`): "flex" — PyTorch's FlexAttention compiling the pattern
+from a mask predicate (flex.py; Dong et al. 2024) — or "sdpa", the fused scaled-dot-product
+kernels the routes below are built from. "auto" takes flex on CUDA, where FlexAttention's
+generated kernels skip the masked-out blocks, and sdpa on the CPU, where torch 2.13's flex has no
+backward and (benchmarks/attention.py --flex) its compiled forward does not beat these routes.
+Blockwise attention (blockwise.py) asks `choose_kernel` alone; on sdpa it has one route.
+
+Then, on sdpa, two routes compute the same sliding-window function:
 - "blocked": the band's plan of fused calls (band.py), one batch element at a time, with the
   global keys and queries as separate small attentions merged by log-sum-exp;
 - "masked": the whole pattern as one bool (B, n_q, n_k) mask and one fused call per dilation
@@ -8,7 +15,7 @@ Two routes compute the same function:
 
 `sliding_window_attention` (sliding.py) and the short-range band beside Linformer's and the
 latent slots (short_range.py) both ask `choose_route`; a new route is a name in `METHODS`, a
-branch here and the function the two callers dispatch to.
+branch here and the function the callers dispatch to.
 
 The blocked route pays a fixed cost for every fused call it makes, per batch element; on long
 inputs that is noise, on short ones it dominates, while the mask's wasted scores are cheap. The
@@ -25,11 +32,19 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 
+import torch
+
 from ...errors import SurgeonError
 from .band import band_plan
 
-BLOCKED, MASKED = "blocked", "masked"
-METHODS = ("auto", BLOCKED, MASKED)
+BLOCKED, MASKED, FLEX, SDPA = "blocked", "masked", "flex", "sdpa"
+# what a recipe's `kernel:` may say; the kernels' `method` also takes the two sdpa routes by name
+KERNELS = ("auto", SDPA, FLEX)
+METHODS = ("auto", SDPA, BLOCKED, MASKED, FLEX)
+# FlexAttention's block (128 queries): shorter query sets — decode steps with a KV cache — would
+# pay a block mask and a kernel launch for a fraction of one block; they keep the sdpa routes
+FLEX_MIN_QUERIES = 128
+_FLEX_AUTO_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # A (B, n_q, n_k) mask per call: beyond ~1M scores per batch element it is no longer small,
 # and by then the band's plan is cheaper anyway for any window that is not nearly dense. The
@@ -41,15 +56,34 @@ _CALL_COST = 6.5e6
 _GLOBAL_SCORES_PER_QUERY = 80
 
 
+def choose_kernel(
+    method: str, *, device_type: str, dtype: torch.dtype, n_q: int, dropout: float = 0.0, what: str = "attention",
+) -> str:  # fmt: skip
+    """"flex" or "sdpa" for a `method` of METHODS (the two sdpa routes count as "sdpa"). "auto":
+    flex on CUDA for fp32/fp16/bf16 without attention dropout (FlexAttention has none) and at least
+    FLEX_MIN_QUERIES queries; sdpa otherwise."""
+    if method not in METHODS:
+        raise SurgeonError(f"{what}: kernel method must be one of {', '.join(METHODS)}, got {method!r}")
+    if method == FLEX:
+        return FLEX
+    if method != "auto":
+        return SDPA
+    use_flex = device_type == "cuda" and dtype in _FLEX_AUTO_DTYPES and dropout == 0.0 and n_q >= FLEX_MIN_QUERIES
+    return FLEX if use_flex else SDPA
+
+
 def choose_route(
     method: str, *, batch: int, heads: int, head_dim: int, n_q: int, n_k: int, lo: int, hi: int,
     dilations: Sequence[int] = (1,), has_global: bool = False, block_size: int | None = None,
+    device_type: str = "cpu", dtype: torch.dtype = torch.float32, dropout: float = 0.0,
 ) -> str:  # fmt: skip
-    """"blocked" or "masked": `method` itself when it names a route, else ("auto") the one the
-    cost model expects to be faster for this shape."""
-    if method not in METHODS:
-        raise SurgeonError(f"sliding-window attention: method must be one of {', '.join(METHODS)}, got {method!r}")
-    if method != "auto":
+    """"flex", "blocked" or "masked": `method` itself when it names a route; else the kernel family
+    by `choose_kernel` and, on sdpa, the route the cost model expects to be faster for this shape."""
+    kernel = choose_kernel(method, device_type=device_type, dtype=dtype, n_q=n_q, dropout=dropout,
+                           what="sliding-window attention")  # fmt: skip
+    if kernel == FLEX:
+        return FLEX
+    if method in (BLOCKED, MASKED):
         return method
     cheaper = masked_is_cheaper(batch, heads, head_dim, n_q, n_k, lo, hi, dilations, has_global, block_size)
     return MASKED if cheaper else BLOCKED

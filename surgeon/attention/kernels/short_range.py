@@ -14,7 +14,7 @@ With a short-range window w, every query also attends, exactly, the keys within 
 The band runs through the sliding-window kernel's blocked route (band.py), the compressed part
 through the fused kernel, and the two partial results merge exactly by log-sum-exp. Short
 inputs, where route.py's cost model prefers it, instead take one masked fused call over
-[tokens | slots]. A key in the band is also inside some slot; as
+[tokens | slots]; the flex route (CUDA by default, flex.py) one FlexAttention call over them. A key in the band is also inside some slot; as
 in the Long-Short Transformer the two views sit side by side, not deduplicated. Extra cost:
 O(n·w), against O(n·k) for the compressed part.
 
@@ -29,9 +29,10 @@ import torch
 from torch import Tensor
 
 from .band import BandSpec, band, window_bounds
+from .flex import check_flex_inputs, flex_band_with_slots
 from .joint import band_with_extra_keys
 from .primitives import attend, expand_kv, merge_lse
-from .route import MASKED, choose_route
+from .route import FLEX, MASKED, choose_route
 from .sliding_masked import window_mask
 
 
@@ -47,6 +48,7 @@ def with_short_range(
     key_padding_mask: Tensor | None,  # (B, n) bool, True = real token
     scaling: float,
     dropout: float = 0.0,
+    method: str = "auto",  # a route.METHODS name (route.choose_route)
 ) -> Tensor:  # (B, H, n_q, D)
     b, h, n_q, d = query.shape
     key, value = expand_kv(key, h), expand_kv(value, h)  # (B, H, n, D)
@@ -55,7 +57,13 @@ def with_short_range(
     spec = BandSpec(lo=lo, hi=hi, q0=n - n_q, scale=scaling, dropout=dropout)
     # the slots weigh in the route's cost model like a global token's extra call and merge;
     # their own scores are the same either way
-    if choose_route("auto", batch=b, heads=h, head_dim=d, n_q=n_q, n_k=n, lo=lo, hi=hi, has_global=True) == MASKED:
+    route = choose_route(method, batch=b, heads=h, head_dim=d, n_q=n_q, n_k=n, lo=lo, hi=hi, has_global=True,
+                         device_type=query.device.type, dtype=query.dtype, dropout=dropout)  # fmt: skip
+    if route == FLEX:
+        check_flex_inputs("short-range band", dropout, query, key, value, far_key, far_value)
+        return flex_band_with_slots(query, key, value, far_key, far_value, lo=lo, hi=hi, far_mask=far_mask,
+                                    key_padding_mask=key_padding_mask, scale=scaling)  # fmt: skip
+    if route == MASKED:
         return _masked(query, key, value, far_key, far_value, spec, far_mask, key_padding_mask)
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, far_key, far_value))
     if grad and dropout == 0.0 and query.device.type == "cpu":

@@ -11,8 +11,9 @@ a decode step with a KV cache is the same function as a full forward):
   every query (still respecting causality and padding); a global query attends every key;
 - key padding: masked keys are never attended; a query with no key left outputs zeros.
 
-route.py picks how: the band's blocked plan of fused calls (band.py), or for short inputs one
-masked call (sliding_masked.py). On the blocked route global keys and global queries are
+route.py picks how: the band's blocked plan of fused calls (band.py), for short inputs one
+masked call (sliding_masked.py), or — on CUDA by default — one FlexAttention call whose block mask
+skips the tiles outside the pattern (flex.py). On the blocked route global keys and global queries are
 separate small attentions, merged exactly by log-sum-exp, and nothing of size n_q × n_k is
 ever built. Training runs fused kernels backward too: the strips' key gradient is summed back
 by strips.py, and with global tokens the band and the global keys form one softmax whose
@@ -28,9 +29,10 @@ from torch import Tensor
 
 from ...errors import SurgeonError
 from .band import BandSpec, dilated_band, window_bounds
+from .flex import check_flex_inputs, flex_sliding_attention
 from .joint import band_with_extra_keys
 from .primitives import attend, expand_kv, merge_lse
-from .route import MASKED, choose_route
+from .route import FLEX, MASKED, choose_route
 from .sliding_masked import masked_sliding_attention
 
 __all__ = ["sliding_window_attention"]
@@ -49,7 +51,7 @@ def sliding_window_attention(
     scaling: float | None = None,
     dropout: float = 0.0,
     block_size: int | None = None,
-    method: str = "auto",  # a route.METHODS name: "auto" (route.choose_route), "blocked" or "masked"
+    method: str = "auto",  # a route.METHODS name: "auto" (route.choose_route), "sdpa", "blocked", "masked", "flex"
 ) -> Tensor:  # (B, H, n_q, D)
     b, h, n_q, d = query.shape
     n_k = key.shape[2]
@@ -59,13 +61,20 @@ def sliding_window_attention(
     lo, hi = window_bounds(window, causal)
     spec = BandSpec(lo=lo, hi=hi, q0=n_k - n_q, scale=scale, dropout=dropout, block_size=block_size, causal=causal)
 
-    key, value = expand_kv(key, h), expand_kv(value, h)  # (B, H, n_k, D)
     if global_mask is not None and key_padding_mask is not None:
         global_mask = global_mask & key_padding_mask  # a padded position is never global
     if global_mask is not None and not bool(global_mask.any()):
         global_mask = None
     route = choose_route(method, batch=b, heads=h, head_dim=d, n_q=n_q, n_k=n_k, lo=lo, hi=hi, dilations=dilations,
-                         has_global=global_mask is not None, block_size=block_size)  # fmt: skip
+                         has_global=global_mask is not None, block_size=block_size, device_type=query.device.type,
+                         dtype=query.dtype, dropout=dropout)  # fmt: skip
+    if route == FLEX:  # grouped-query keys stay unexpanded: FlexAttention reads them per KV head
+        check_flex_inputs("sliding_window_attention", dropout, query, key, value)
+        return flex_sliding_attention(
+            query, key, value, lo=lo, hi=hi, causal=causal, dilations=dilations, global_mask=global_mask,
+            key_padding_mask=key_padding_mask, scale=scale,
+        )  # fmt: skip
+    key, value = expand_kv(key, h), expand_kv(value, h)  # (B, H, n_k, D)
     if route == MASKED:
         return masked_sliding_attention(
             query, key, value, lo=lo, hi=hi, causal=causal, dilations=dilations, global_mask=global_mask,
