@@ -121,3 +121,21 @@ def test_finetune_methods_benchmark_runs_end_to_end(tmp_path):
     assert [c["claim"].split()[0] for c in result["claims"]] == ["BitFit", "adapters", "LoRA", "LoRA", "tuning"]
     assert (tmp_path / "ft_params.png").stat().st_size > 0
     assert (tmp_path / "ft_layers.png").stat().st_size > 0
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the refusal where CUDA is absent")
+def test_cuda_attention_benchmark_refuses_without_cuda(tmp_path):
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "attention_cuda.py"), "--out", str(tmp_path / "x.json")],
+                          capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "CUDA is not available" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "x.json").exists()
+
+
+@pytest.mark.slow  # compiles FlexAttention for the CPU once per pattern: minutes
+def test_flex_cpu_benchmark_runs_end_to_end(tmp_path):
+    out = tmp_path / "flex_cpu.json"
+    run("attention_flex_cpu.py", "--sizes", "256", "--repeat", "1", "--out", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert {row["pattern"] for row in rows} >= {"sliding ±256", "blockwise 16 blocks, 2 perms", "latent m=256 + band ±8"}
+    assert all(row["flex_seconds"] > 0 and row["sdpa_seconds"] > 0 for row in rows)

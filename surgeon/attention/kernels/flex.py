@@ -48,15 +48,19 @@ _EAGER_MASK_ENTRIES = 1 << 24
 # last few (pattern, shape, per-token masks) it was built for.
 _BLOCK_MASK_CACHE_SIZE = 8
 _block_masks: OrderedDict[tuple, BlockMask] = OrderedDict()
-_compiled_flex = None
+_compiled_flex: dict[str, Callable] = {}
 
 
-def _flex_kernel():
-    """torch.compile(flex_attention), built on first use (compiling is lazy; building is cheap)."""
-    global _compiled_flex
-    if _compiled_flex is None:
-        _compiled_flex = torch.compile(flex_attention)
-    return _compiled_flex
+def _flex_kernel(device_type: str):
+    """torch.compile(flex_attention) for a device type, built on first use (compiling is lazy).
+
+    CPU: static shapes. With dynamic shapes, torch 2.13's CPU template generated C++ that does not
+    compile ("'cur_qSplitSize9' was not declared") when a blockwise call was followed by a band +
+    slots call of another key length; static shapes compile each new shape (~20 s on 2 cores).
+    CUDA: torch.compile's default (the second length recompiles once, dynamic)."""
+    if device_type not in _compiled_flex:
+        _compiled_flex[device_type] = torch.compile(flex_attention, dynamic=False if device_type == "cpu" else None)
+    return _compiled_flex[device_type]
 
 
 def check_flex_inputs(what: str, dropout: float, *tensors: Tensor) -> None:
@@ -126,7 +130,7 @@ def flex_attend(query: Tensor, key: Tensor, value: Tensor, block: BlockMask, sca
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
             return flex_attention(query, key, value, block_mask=block, scale=scale, enable_gqa=gqa)
-    return _flex_kernel()(query, key, value, block_mask=block, scale=scale, enable_gqa=gqa)
+    return _flex_kernel(query.device.type)(query, key, value, block_mask=block, scale=scale, enable_gqa=gqa)
 
 
 def flex_sliding_attention(
