@@ -19,8 +19,9 @@ What torch 2.13 supports (measured on its CPU build):
   on CPU"), so the flex route refuses training on CPU in one line; "auto" never takes it there.
   The compiled CPU kernel takes float32 / float16 / bfloat16, not float64; float64 runs the eager
   (unfused) implementation, which builds the full score matrix — the exact reference path the
-  tests use, not a fast one. The first compiled call per shape family costs ~15–30 s on a
-  2-core CPU.
+  tests use, not a fast one. CPU compiles use static shapes (see `_flex_kernel`): every new
+  (n_q, n_k, pattern family) compiles, ~20 s on an idle 2-core CPU and up to ~2 min under load;
+  past torch._dynamo's recompile limit (8 per function) new shapes run the eager implementation.
 - No attention dropout (FlexAttention has none): refused with dropout > 0.
 """
 
