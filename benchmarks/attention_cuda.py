@@ -35,15 +35,20 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 def refuse_without_cuda() -> None:
     if not torch.cuda.is_available():
-        print(f"attention_cuda.py: error: CUDA is not available (torch {torch.__version__}); "
-              "this benchmark times GPU kernels only — benchmarks/attention_flex_cpu.py times flex on the CPU",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"attention_cuda.py: error: CUDA is not available (torch {torch.__version__}); "
+            "this benchmark times GPU kernels only — benchmarks/attention_flex_cpu.py times flex on the CPU",
+            file=sys.stderr,
+        )
         raise SystemExit(2)
 
 
 def cuda_inputs(n: int, dtype, grad: bool = False, seed: int = 0):  # q, k, v: (1, HEADS, n, HEAD_DIM)
     g = torch.Generator().manual_seed(seed)
-    return tuple(torch.randn(1, HEADS, n, HEAD_DIM, generator=g).to("cuda", dtype).requires_grad_(grad) for _ in range(3))
+    return tuple(
+        torch.randn(1, HEADS, n, HEAD_DIM, generator=g).to("cuda", dtype).requires_grad_(grad)
+        for _ in range(3)
+    )
 
 
 def dense(q, k, v, causal: bool):
@@ -85,13 +90,32 @@ def bench_forward(sizes, dtypes, repeat: int) -> list[dict]:
                 base = best["dense causal" if p["causal"] else "dense"]
                 for kernel in ("flex", "sdpa"):
                     name = f"{p['name']} [{kernel}]"
-                    rows.append({"pattern": p["name"], "kernel": kernel, "dtype": dtype_name, "n": n,
-                                 "seconds": best[name], "dense_seconds": base, "speedup": base / best[name],
-                                 "peak_bytes": memory[name]})  # fmt: skip
+                    rows.append(
+                        {
+                            "pattern": p["name"],
+                            "kernel": kernel,
+                            "dtype": dtype_name,
+                            "n": n,
+                            "seconds": best[name],
+                            "dense_seconds": base,
+                            "speedup": base / best[name],
+                            "peak_bytes": memory[name],
+                        }
+                    )
             for c in (False, True):
                 name = f"dense{' causal' if c else ''}"
-                rows.append({"pattern": name, "kernel": "sdpa", "dtype": dtype_name, "n": n, "seconds": best[name],
-                             "dense_seconds": best[name], "speedup": 1.0, "peak_bytes": memory[name]})  # fmt: skip
+                rows.append(
+                    {
+                        "pattern": name,
+                        "kernel": "sdpa",
+                        "dtype": dtype_name,
+                        "n": n,
+                        "seconds": best[name],
+                        "dense_seconds": best[name],
+                        "speedup": 1.0,
+                        "peak_bytes": memory[name],
+                    }
+                )
             print(f"  {dtype_name} n={n} done", file=sys.stderr, flush=True)
             torch.cuda.empty_cache()
     return rows
@@ -114,17 +138,31 @@ def bench_training(n: int, repeat: int) -> list[dict]:
         base = best["dense causal" if p["causal"] else "dense"]
         for kernel in ("flex", "sdpa"):
             t = best[f"{p['name']} [{kernel}]"]
-            rows.append({"pattern": p["name"], "kernel": kernel, "dtype": "bf16", "n": n, "seconds": t,
-                         "dense_seconds": base, "speedup": base / t})  # fmt: skip
+            rows.append(
+                {
+                    "pattern": p["name"],
+                    "kernel": kernel,
+                    "dtype": "bf16",
+                    "n": n,
+                    "seconds": t,
+                    "dense_seconds": base,
+                    "speedup": base / t,
+                }
+            )
     return rows
 
 
 def table(rows, title: str) -> str:
-    lines = [title, f"{'pattern':34s} {'kernel':>6s} {'dtype':>5s} {'n':>6s} {'time ms':>9s} {'vs dense':>9s} {'peak MiB':>9s}"]
+    lines = [
+        title,
+        f"{'pattern':34s} {'kernel':>6s} {'dtype':>5s} {'n':>6s} {'time ms':>9s} {'vs dense':>9s} {'peak MiB':>9s}",
+    ]
     for r in rows:
         mem = f"{r['peak_bytes'] / 2**20:.0f}" if "peak_bytes" in r else "-"
-        lines.append(f"{r['pattern']:34s} {r['kernel']:>6s} {r['dtype']:>5s} {r['n']:6d} {r['seconds'] * 1e3:9.2f}"
-                     f" {r['speedup']:8.2f}x {mem:>9s}")  # fmt: skip
+        lines.append(
+            f"{r['pattern']:34s} {r['kernel']:>6s} {r['dtype']:>5s} {r['n']:6d} {r['seconds'] * 1e3:9.2f}"
+            f" {r['speedup']:8.2f}x {mem:>9s}"
+        )
     return "\n".join(lines)
 
 
@@ -133,7 +171,9 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["bf16", "fp32"])
     parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--train-n", type=int, default=16384, help="sequence length of the training-step rows")
+    parser.add_argument(
+        "--train-n", type=int, default=16384, help="sequence length of the training-step rows"
+    )
     parser.add_argument("--no-train", action="store_true")
     parser.add_argument("--out", default=str(RESULTS / "attention_cuda.json"))
     args = parser.parse_args()
@@ -143,9 +183,15 @@ def main() -> None:
     print(table(forward, "forward (no_grad):"))
     if training:
         print(table(training, f"\ntraining step (forward + backward to q, k, v), bf16, n={args.train_n}:"))
-    meta = {"torch": torch.__version__, "device": torch.cuda.get_device_name(), "heads": HEADS, "head_dim": HEAD_DIM,
-            "batch": 1, "timing": f"best of {args.repeat} interleaved rounds after one warm-up, cuda-synchronized",
-            "dense": "SDPA flash (bf16) / memory-efficient (fp32)"}  # fmt: skip
+    meta = {
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name(),
+        "heads": HEADS,
+        "head_dim": HEAD_DIM,
+        "batch": 1,
+        "timing": f"best of {args.repeat} interleaved rounds after one warm-up, cuda-synchronized",
+        "dense": "SDPA flash (bf16) / memory-efficient (fp32)",
+    }
     write_json(Path(args.out), {"meta": meta, "forward": forward, "training": training}, indent=2)
 
 

@@ -36,20 +36,42 @@ def bench(sizes, repeat: int) -> list[dict]:
             with torch.no_grad():
                 run(q, k, v, "flex")
             first = time.perf_counter() - t0
-            dense = {"name": "dense", "fn": (lambda: F.scaled_dot_product_attention(q, k, v, is_causal=pattern["causal"]))}
-            best = interleaved_best({"dense": dense["fn"], "sdpa": lambda: run(q, k, v, "sdpa"),
-                                     "flex": lambda: run(q, k, v, "flex")}, repeat)  # fmt: skip
-            rows.append({"pattern": pattern["name"], "n": n, "first_flex_seconds": first, **{f"{k}_seconds": t for k, t in best.items()},
-                         "flex_over_sdpa": best["flex"] / best["sdpa"], "loadavg": os.getloadavg()[0]})  # fmt: skip
+            dense = {
+                "name": "dense",
+                "fn": (lambda: F.scaled_dot_product_attention(q, k, v, is_causal=pattern["causal"])),
+            }
+            best = interleaved_best(
+                {
+                    "dense": dense["fn"],
+                    "sdpa": lambda: run(q, k, v, "sdpa"),
+                    "flex": lambda: run(q, k, v, "flex"),
+                },
+                repeat,
+            )
+            rows.append(
+                {
+                    "pattern": pattern["name"],
+                    "n": n,
+                    "first_flex_seconds": first,
+                    **{f"{k}_seconds": t for k, t in best.items()},
+                    "flex_over_sdpa": best["flex"] / best["sdpa"],
+                    "loadavg": os.getloadavg()[0],
+                }
+            )
             print(f"  {pattern['name']} n={n} done", flush=True)
     return rows
 
 
 def table(rows) -> str:
-    lines = [f"{'pattern':32s} {'n':>5s} {'dense s':>8s} {'sdpa s':>8s} {'flex s':>8s} {'flex/sdpa':>9s}"
-             f" {'first flex s':>12s} {'load':>5s}"]  # fmt: skip
-    lines += [f"{r['pattern']:32s} {r['n']:5d} {r['dense_seconds']:8.4f} {r['sdpa_seconds']:8.4f} {r['flex_seconds']:8.4f}"
-              f" {r['flex_over_sdpa']:8.2f}x {r['first_flex_seconds']:12.1f} {r['loadavg']:5.1f}" for r in rows]  # fmt: skip
+    lines = [
+        f"{'pattern':32s} {'n':>5s} {'dense s':>8s} {'sdpa s':>8s} {'flex s':>8s} {'flex/sdpa':>9s}"
+        f" {'first flex s':>12s} {'load':>5s}"
+    ]
+    lines += [
+        f"{r['pattern']:32s} {r['n']:5d} {r['dense_seconds']:8.4f} {r['sdpa_seconds']:8.4f} {r['flex_seconds']:8.4f}"
+        f" {r['flex_over_sdpa']:8.2f}x {r['first_flex_seconds']:12.1f} {r['loadavg']:5.1f}"
+        for r in rows
+    ]
     return "\n".join(lines)
 
 
@@ -62,9 +84,16 @@ def main() -> None:
     torch.set_num_threads(THREADS)
     rows = bench(args.sizes, args.repeat)
     print(table(rows))
-    meta = {"torch": torch.__version__, "threads": THREADS, "heads": HEADS, "head_dim": HEAD_DIM, "dtype": "float32",
-            "batch": 1, "pass": "forward under no_grad (no flex backward on CPU in this torch)",
-            "timing": f"best of {args.repeat} interleaved rounds after the compiling first call"}  # fmt: skip
+    meta = {
+        "torch": torch.__version__,
+        "threads": THREADS,
+        "heads": HEADS,
+        "head_dim": HEAD_DIM,
+        "dtype": "float32",
+        "batch": 1,
+        "pass": "forward under no_grad (no flex backward on CPU in this torch)",
+        "timing": f"best of {args.repeat} interleaved rounds after the compiling first call",
+    }
     write_json(Path(args.out), {"meta": meta, "rows": rows}, indent=2)
 
 

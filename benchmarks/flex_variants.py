@@ -29,20 +29,53 @@ def _latents_for(q: torch.Tensor, m: int = 256) -> torch.Tensor:  # (H, m, D), o
 
 
 PATTERNS = [
-    {"name": "sliding ±256", "causal": False,
-     "run": lambda q, k, v, kernel: sliding_window_attention(q, k, v, window=512, causal=False, method=kernel)},
-    {"name": "sliding ±256 + global [0]", "causal": False,
-     "run": lambda q, k, v, kernel: sliding_window_attention(q, k, v, window=512, causal=False, global_mask=_global0(q),
-                                                             method=kernel)},
-    {"name": "sliding ±256 dilation [1,1,2,2]", "causal": False,
-     "run": lambda q, k, v, kernel: sliding_window_attention(q, k, v, window=512, causal=False,
-                                                             dilation=[1, 1, 2, 2], method=kernel)},
-    {"name": "sliding causal 512", "causal": True,
-     "run": lambda q, k, v, kernel: sliding_window_attention(q, k, v, window=512, causal=True, method=kernel)},
-    {"name": "blockwise 16 blocks, 2 perms", "causal": False,
-     "run": lambda q, k, v, kernel: blockwise_attention(q, k, v, block_size=q.shape[2] // 16, causal=False,
-                                                        permutations=2, method=kernel)},
-    {"name": "latent m=256 + band ±8", "causal": False,
-     "run": lambda q, k, v, kernel: latent_attention(q, k, v, _latents_for(q), key_padding_mask=None,
-                                                     scaling=q.shape[-1] ** -0.5, local_window=16, method=kernel)},
-]  # fmt: skip
+    {
+        "name": "sliding ±256",
+        "causal": False,
+        "run": lambda q, k, v, kernel: sliding_window_attention(
+            q, k, v, window=512, causal=False, method=kernel
+        ),
+    },
+    {
+        "name": "sliding ±256 + global [0]",
+        "causal": False,
+        "run": lambda q, k, v, kernel: sliding_window_attention(
+            q, k, v, window=512, causal=False, global_mask=_global0(q), method=kernel
+        ),
+    },
+    {
+        "name": "sliding ±256 dilation [1,1,2,2]",
+        "causal": False,
+        "run": lambda q, k, v, kernel: sliding_window_attention(
+            q, k, v, window=512, causal=False, dilation=[1, 1, 2, 2], method=kernel
+        ),
+    },
+    {
+        "name": "sliding causal 512",
+        "causal": True,
+        "run": lambda q, k, v, kernel: sliding_window_attention(
+            q, k, v, window=512, causal=True, method=kernel
+        ),
+    },
+    {
+        "name": "blockwise 16 blocks, 2 perms",
+        "causal": False,
+        "run": lambda q, k, v, kernel: blockwise_attention(
+            q, k, v, block_size=q.shape[2] // 16, causal=False, permutations=2, method=kernel
+        ),
+    },
+    {
+        "name": "latent m=256 + band ±8",
+        "causal": False,
+        "run": lambda q, k, v, kernel: latent_attention(
+            q,
+            k,
+            v,
+            _latents_for(q),
+            key_padding_mask=None,
+            scaling=q.shape[-1] ** -0.5,
+            local_window=16,
+            method=kernel,
+        ),
+    },
+]

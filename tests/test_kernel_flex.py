@@ -59,23 +59,42 @@ def test_sliding_padding_globals_and_empty_rows(causal):
     n = 40
     pad = padding_mask(2, n, [27, 40])
     pad[1, :5] = False  # left padding in row 1; global 0 is then padding there
-    out, ref = run_case(method="flex", n_q=n, n_k=n, window=6, causal=causal, pad=pad, glob_pos=[0, 14],
-                        dilation=[2, 1])  # fmt: skip
+    out, ref = run_case(
+        method="flex", n_q=n, n_k=n, window=6, causal=causal, pad=pad, glob_pos=[0, 14], dilation=[2, 1]
+    )
     torch.testing.assert_close(out, ref, **EXACT)
     nothing = torch.zeros(2, n, dtype=torch.bool)  # every key padded: every row outputs 0
     q = torch.randn(2, 2, n, 8, dtype=torch.float64)
-    zero = sliding_window_attention(q, q.clone(), q.clone(), window=6, causal=causal, key_padding_mask=nothing,
-                                    method="flex")  # fmt: skip
+    zero = sliding_window_attention(
+        q, q.clone(), q.clone(), window=6, causal=causal, key_padding_mask=nothing, method="flex"
+    )
     assert torch.equal(zero, torch.zeros_like(zero))
 
 
-@pytest.mark.parametrize("perms, causal", [(1, False), (1, True), (2, False), ([[1, 0, 3, 2], [2, 3, 0, 1]], False)])
-@pytest.mark.parametrize("n", [24, 23])  # 23: the last block is short
+@pytest.mark.parametrize(  # n = 23: the last block is short
+    "perms, causal, n",
+    [
+        (1, False, 23),
+        (1, True, 23),
+        (2, False, 24),
+        (2, False, 23),
+        ([[1, 0, 3, 2], [2, 3, 0, 1]], False, 24),
+    ],
+)
 def test_blockwise_matches_reference(perms, causal, n):
     q, k, v = random_qkv(h=4, h_kv=2, n=n)
     pad = padding_mask(2, n, [n, n - 5])
-    out = blockwise_attention(q, k, v, block_size=6, causal=causal, permutations=perms, key_padding_mask=pad,
-                              scaling=0.4, method="flex")  # fmt: skip
+    out = blockwise_attention(
+        q,
+        k,
+        v,
+        block_size=6,
+        causal=causal,
+        permutations=perms,
+        key_padding_mask=pad,
+        scaling=0.4,
+        method="flex",
+    )
     m = -(-n // 6)
     perm_lists = [[(i + s) % m for i in range(m)] for s in range(perms)] if isinstance(perms, int) else perms
     torch.testing.assert_close(out, blockwise_reference(q, k, v, 6, perm_lists, causal, pad, 0.4), **EXACT)
@@ -88,14 +107,17 @@ def test_blockwise_decode_step():
     torch.testing.assert_close(out, ref, **EXACT)
 
 
-@pytest.mark.parametrize("lengths", [[20, 20], [20, 7]])
-@pytest.mark.parametrize("window", [2, 6, 64])
+@pytest.mark.parametrize(
+    "lengths, window", [([20, 20], 2), ([20, 7], 6), ([20, 7], 64)]
+)  # 64: the band covers all
 def test_linformer_band_matches_the_joint_softmax(lengths, window):
     q, k, v = random_qkv(h_kv=2, n=20)
     g = torch.Generator().manual_seed(1)
     e, f = random_projection(6, 32, generator=g).double(), random_projection(6, 32, generator=g).double()
     mask = padding_mask(2, 20, lengths)
-    out = linformer_attention(q, k, v, e, f, key_padding_mask=mask, scaling=0.3, local_window=window, method="flex")
+    out = linformer_attention(
+        q, k, v, e, f, key_padding_mask=mask, scaling=0.3, local_window=window, method="flex"
+    )
     pk, pv, live = linformer_slots(k, v, e, f, mask, 2)
     ref = joint_softmax(q, k, v, pk, pv, live, mask, window, 0.3)
     real = mask[:, None, :, None]  # rows of padded queries are not compared
@@ -118,8 +140,16 @@ def test_compiled_cpu_float32_sliding():
     n = 160  # two 128-query tiles, one of them partial
     pad = padding_mask(2, n, [n, 131])
     with torch.no_grad():
-        out, ref = run_case(method="flex", dtype=torch.float32, n_q=n, n_k=n, window=16, dilation=[1, 2],
-                            glob_pos=[0, 70], pad=pad)  # fmt: skip
+        out, ref = run_case(
+            method="flex",
+            dtype=torch.float32,
+            n_q=n,
+            n_k=n,
+            window=16,
+            dilation=[1, 2],
+            glob_pos=[0, 70],
+            pad=pad,
+        )
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
 
 
@@ -128,14 +158,33 @@ def test_compiled_cpu_float32_blockwise_and_band():
     q, k, v = random_qkv(h=4, h_kv=2, n=150, d=16)
     pad = padding_mask(2, 150, [150, 99])
     with torch.no_grad():
-        out = blockwise_attention(q.float(), k.float(), v.float(), block_size=32, causal=False, permutations=2,
-                                  key_padding_mask=pad, scaling=0.25, method="flex")  # fmt: skip
+        out = blockwise_attention(
+            q.float(),
+            k.float(),
+            v.float(),
+            block_size=32,
+            causal=False,
+            permutations=2,
+            key_padding_mask=pad,
+            scaling=0.25,
+            method="flex",
+        )
         m = -(-150 // 32)
-        ref = blockwise_reference(q, k, v, 32, [[(i + s) % m for i in range(m)] for s in range(2)], False, pad, 0.25)
+        ref = blockwise_reference(
+            q, k, v, 32, [[(i + s) % m for i in range(m)] for s in range(2)], False, pad, 0.25
+        )
         torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=0)
         z = torch.randn(2, 7, 16, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
-        out = latent_attention(q.float(), k.float(), v.float(), z.float(), key_padding_mask=pad, scaling=0.25,
-                               local_window=32, method="flex")  # fmt: skip
+        out = latent_attention(
+            q.float(),
+            k.float(),
+            v.float(),
+            z.float(),
+            key_padding_mask=pad,
+            scaling=0.25,
+            local_window=32,
+            method="flex",
+        )
     sum_k, sum_v = latent_slots(k, v, z, pad, 0.25, 2, "latent")
     ref = joint_softmax(q, k, v, sum_k, sum_v, None, pad, 32, 0.25)
     real = pad[:, None, :, None]
@@ -159,11 +208,15 @@ def test_auto_takes_flex_on_cuda_only():
     assert route.choose_route("auto", **shape) == route.BLOCKED  # CPU: today's cost model
     assert route.choose_route("auto", **shape, device_type="cuda") == route.FLEX
     assert route.choose_route("sdpa", **shape, device_type="cuda") == route.BLOCKED
-    assert route.choose_route("auto", **shape, device_type="cuda", dropout=0.1) == route.BLOCKED  # flex has none
+    assert (
+        route.choose_route("auto", **shape, device_type="cuda", dropout=0.1) == route.BLOCKED
+    )  # flex has none
     assert route.choose_route("auto", **shape, device_type="cuda", dtype=torch.float64) == route.BLOCKED
     assert route.choose_route("flex", **shape) == route.FLEX
     decode = dict(shape, n_q=1)  # one query: less than a flex tile
-    assert route.choose_kernel("auto", device_type="cuda", dtype=torch.bfloat16, n_q=decode["n_q"]) == route.SDPA
+    assert (
+        route.choose_kernel("auto", device_type="cuda", dtype=torch.bfloat16, n_q=decode["n_q"]) == route.SDPA
+    )
     assert set(Kernel.__args__) == set(route.KERNELS)
 
 
@@ -174,8 +227,13 @@ def test_recipe_kernel_param_reaches_the_kernel(tmp_path):
     inputs["attention_mask"][1, 31:] = 0
     outs = {}
     for kernel in ("sdpa", "flex"):
-        rules = [{"do": "sliding_window", "select": {"role": "attn"},
-                  "with": {"window": 8, "dilation": [1, 2], "global_tokens": [0], "kernel": kernel}}]  # fmt: skip
+        rules = [
+            {
+                "do": "sliding_window",
+                "select": {"role": "attn"},
+                "with": {"window": 8, "dilation": [1, 2], "global_tokens": [0], "kernel": kernel},
+            }
+        ]
         model = copy.deepcopy(base)
         surgeon.patch(model, {"surgeon": 1, "rules": rules})
         with torch.no_grad():
@@ -199,7 +257,9 @@ def _grads(out, tensors, weight):
 
 @cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("causal, dilation, glob_pos", [(False, 1, None), (True, [1, 2], [0, 70]), (False, [1, 2], [0])])
+@pytest.mark.parametrize(
+    "causal, dilation, glob_pos", [(False, 1, None), (True, [1, 2], [0, 70]), (False, [1, 2], [0])]
+)
 def test_cuda_sliding_forward_and_gradients(dtype, causal, dilation, glob_pos):
     n, h, d = 200, 4, 16
     g = torch.Generator().manual_seed(3)
@@ -211,10 +271,17 @@ def test_cuda_sliding_forward_and_gradients(dtype, causal, dilation, glob_pos):
         glob = torch.zeros(2, n, dtype=torch.bool)
         glob[:, glob_pos] = True
     kw = dict(window=16, causal=causal, dilation=dilation)
-    out = sliding_window_attention(*dev, **kw, key_padding_mask=pad.cuda(),
-                                   global_mask=None if glob is None else glob.cuda(), method="flex")  # fmt: skip
+    out = sliding_window_attention(
+        *dev,
+        **kw,
+        key_padding_mask=pad.cuda(),
+        global_mask=None if glob is None else glob.cuda(),
+        method="flex",
+    )
     dils = [dilation] if isinstance(dilation, int) else dilation
-    masks = [reference_mask(n, n, 16, causal, dils, None if glob is None else glob[bi], pad[bi]) for bi in range(2)]
+    masks = [
+        reference_mask(n, n, 16, causal, dils, None if glob is None else glob[bi], pad[bi]) for bi in range(2)
+    ]
     ref = dense_reference(*cpu, masks, d**-0.5)
     tol = dict(atol=2e-2, rtol=0) if dtype == torch.bfloat16 else dict(atol=2e-4, rtol=0)
     torch.testing.assert_close(out.double().cpu(), ref, **tol)
@@ -230,19 +297,29 @@ def test_cuda_blockwise_and_band_gradients():
     dev = [t.detach().float().cuda().requires_grad_(True) for t in (q, k, v)]
     pad = padding_mask(2, 150, [150, 99])
     m = -(-150 // 32)
-    out = blockwise_attention(*dev, block_size=32, causal=False, permutations=2, key_padding_mask=pad.cuda(),
-                              scaling=0.25, method="flex")  # fmt: skip
+    out = blockwise_attention(
+        *dev,
+        block_size=32,
+        causal=False,
+        permutations=2,
+        key_padding_mask=pad.cuda(),
+        scaling=0.25,
+        method="flex",
+    )
     ref = blockwise_reference(*cpu, 32, [[(i + s) % m for i in range(m)] for s in range(2)], False, pad, 0.25)
     weight = torch.randn(out.shape, dtype=torch.float64)
     torch.testing.assert_close(out.double().cpu(), ref, atol=2e-4, rtol=0)
     for got, want in zip(_grads(out, dev, weight.float().cuda()), _grads(ref, cpu, weight)):
         torch.testing.assert_close(got.double().cpu(), want, atol=2e-4, rtol=0)
     z = torch.randn(2, 7, 16, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
-    out = latent_attention(*dev, z.float().cuda(), key_padding_mask=pad.cuda(), scaling=0.25, local_window=32,
-                           method="flex")  # fmt: skip
+    out = latent_attention(
+        *dev, z.float().cuda(), key_padding_mask=pad.cuda(), scaling=0.25, local_window=32, method="flex"
+    )
     sum_k, sum_v = latent_slots(*cpu[1:], z, pad, 0.25, 2, "latent")
     ref = joint_softmax(*cpu, sum_k, sum_v, None, pad, 32, 0.25)
     real = pad[:, None, :, None]
     torch.testing.assert_close(out.double().cpu() * real, ref * real, atol=2e-4, rtol=0)
-    for got, want in zip(_grads(out * real.cuda(), dev, weight.float().cuda()), _grads(ref * real, cpu, weight)):
+    for got, want in zip(
+        _grads(out * real.cuda(), dev, weight.float().cuda()), _grads(ref * real, cpu, weight)
+    ):
         torch.testing.assert_close(got.double().cpu(), want, atol=2e-4, rtol=0)

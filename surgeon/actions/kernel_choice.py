@@ -19,7 +19,9 @@ Kernel = Literal["auto", "sdpa", "flex"]
 
 
 def kernel_field():
-    return pydantic.Field("auto", description="attention kernel: auto (flex on CUDA, sdpa on CPU), sdpa or flex")
+    return pydantic.Field(
+        "auto", description="attention kernel: auto (flex on CUDA, sdpa on CPU), sdpa or flex"
+    )
 
 
 def check_kernel_has_a_band(kernel: str, local_window: int) -> None:

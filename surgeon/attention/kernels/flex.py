@@ -60,7 +60,9 @@ def _flex_kernel(device_type: str):
     slots call of another key length; static shapes compile each new shape (~20 s on 2 cores).
     CUDA: torch.compile's default (the second length recompiles once, dynamic)."""
     if device_type not in _compiled_flex:
-        _compiled_flex[device_type] = torch.compile(flex_attention, dynamic=False if device_type == "cpu" else None)
+        _compiled_flex[device_type] = torch.compile(
+            flex_attention, dynamic=False if device_type == "cpu" else None
+        )
     return _compiled_flex[device_type]
 
 
@@ -92,9 +94,15 @@ def _fingerprint(*tensors: Tensor | None) -> tuple:
 
 
 def block_mask_for(
-    pattern: tuple, mask_mod: MaskMod, batch: int | None, heads: int | None, n_q: int, n_k: int, device,
+    pattern: tuple,
+    mask_mod: MaskMod,
+    batch: int | None,
+    heads: int | None,
+    n_q: int,
+    n_k: int,
+    device,
     masks: Sequence[Tensor | None] = (),
-) -> BlockMask:  # fmt: skip
+) -> BlockMask:
     """The BlockMask of `mask_mod` over (batch | broadcast, heads | broadcast, n_q, n_k), cached
     by `pattern` (the predicate's parameters), the shape, the device and the content of `masks`
     (the tensors the predicate reads)."""
@@ -104,7 +112,9 @@ def block_mask_for(
         _block_masks.move_to_end(key)
         return hit
     entries = (batch or 1) * (heads or 1) * n_q * n_k
-    block = create_block_mask(mask_mod, batch, heads, n_q, n_k, device=device, _compile=entries > _EAGER_MASK_ENTRIES)
+    block = create_block_mask(
+        mask_mod, batch, heads, n_q, n_k, device=device, _compile=entries > _EAGER_MASK_ENTRIES
+    )
     _block_masks[key] = block
     if len(_block_masks) > _BLOCK_MASK_CACHE_SIZE:
         _block_masks.popitem(last=False)
@@ -174,7 +184,9 @@ def flex_sliding_attention(
 
     batch = b if (pad is not None or glob is not None) else None
     pattern = ("sliding", lo, hi, causal, tuple(dilations), q0)
-    block = block_mask_for(pattern, mask_mod, batch, h if per_head else None, n_q, n_k, query.device, (pad, glob))
+    block = block_mask_for(
+        pattern, mask_mod, batch, h if per_head else None, n_q, n_k, query.device, (pad, glob)
+    )
     return flex_attend(query, key, value, block, scale)
 
 
@@ -213,8 +225,16 @@ def flex_blockwise_attention(
         return allowed
 
     pattern = ("blockwise", block_size, causal, tuple(map(tuple, perms)), q0)
-    block = block_mask_for(pattern, mask_mod, b if pad is not None else None, h if per_head else None, n_q, n_k,
-                           query.device, (pad,))  # fmt: skip
+    block = block_mask_for(
+        pattern,
+        mask_mod,
+        b if pad is not None else None,
+        h if per_head else None,
+        n_q,
+        n_k,
+        query.device,
+        (pad,),
+    )
     return flex_attend(query, key, value, block, scale)
 
 
@@ -264,8 +284,9 @@ def flex_band_with_slots(
     per_query_far = far is not None and not far_per_batch
     batch = b if (pad is not None or far is not None) else None
     pattern = ("band+slots", lo, hi, n, slots, q0)
-    block = block_mask_for(pattern, mask_mod, batch, h if per_query_far else None, n_q, n + slots, query.device,
-                           (pad, far))  # fmt: skip
+    block = block_mask_for(
+        pattern, mask_mod, batch, h if per_query_far else None, n_q, n + slots, query.device, (pad, far)
+    )
     keys = torch.cat([key, far_key.to(key.dtype)], dim=2)  # (B, H, n + k, D)
     values = torch.cat([value, far_value.to(value.dtype)], dim=2)
     return flex_attend(query, keys, values, block, scale)
