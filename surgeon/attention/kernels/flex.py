@@ -21,7 +21,7 @@ What torch 2.13 supports (measured on its CPU build):
   (unfused) implementation, which builds the full score matrix — the exact reference path the
   tests use, not a fast one. CPU compiles use static shapes (see `_flex_kernel`): every new
   (n_q, n_k, pattern family) compiles, ~20 s on an idle 2-core CPU and up to ~2 min under load;
-  past torch._dynamo's recompile limit (8 per function) new shapes run the eager implementation.
+  past RECOMPILE_LIMIT (64) compiles new shapes run the eager implementation.
 - No attention dropout (FlexAttention has none): refused with dropout > 0.
 """
 
@@ -50,6 +50,7 @@ _EAGER_MASK_ENTRIES = 1 << 24
 _BLOCK_MASK_CACHE_SIZE = 8
 _block_masks: OrderedDict[tuple, BlockMask] = OrderedDict()
 _compiled_flex: dict[str, Callable] = {}
+RECOMPILE_LIMIT = 64
 
 
 def _flex_kernel(device_type: str):
@@ -57,12 +58,16 @@ def _flex_kernel(device_type: str):
 
     CPU: static shapes. With dynamic shapes, torch 2.13's CPU template generated C++ that does not
     compile ("'cur_qSplitSize9' was not declared") when a blockwise call was followed by a band +
-    slots call of another key length; static shapes compile each new shape (~20 s on 2 cores).
-    CUDA: torch.compile's default (the second length recompiles once, dynamic)."""
+    slots call of another key length; static shapes compile each new shape (~20 s on 2 cores), and
+    past dynamo's default limit of 8 compiles per function the rest would silently run the unfused
+    eager implementation (seen in benchmarks/attention_flex_cpu.py), so the kernel may compile up
+    to RECOMPILE_LIMIT shapes and pattern families (each predicate variant — with or without
+    padding, global tokens, per-head parameters — is one more).
+    CUDA: dynamic shapes, torch.compile's default (the second length recompiles once, dynamic)."""
     if device_type not in _compiled_flex:
-        _compiled_flex[device_type] = torch.compile(
-            flex_attention, dynamic=False if device_type == "cpu" else None
-        )
+        dynamic = False if device_type == "cpu" else None
+        kernel = torch.compile(flex_attention, dynamic=dynamic, recompile_limit=RECOMPILE_LIMIT)
+        _compiled_flex[device_type] = kernel
     return _compiled_flex[device_type]
 
 
