@@ -148,3 +148,28 @@ def test_unpatched_and_lora_models_keep_transformers_cache():
     surgeon.patch(model, recipe("lora", {"role": ["attn.q", "attn.v"]}, r=2))
     ids, mask = padded_batch(seq=9, left=True)
     assert kept(generate(model, ids, mask)[1]) == [9 + NEW - 1] * 3
+
+
+@pytest.mark.slow
+def test_smollm2_window_cache_gives_todays_tokens():
+    # the real decoder (30 layers, GQA 9/3): 70 positions at window 16, the example
+    from test_smollm2 import PROMPT, _missing
+
+    if _missing():
+        pytest.skip(_missing())
+    import surgeon.assets
+    import transformers
+
+    path = surgeon.assets.smollm2()
+    model, _ = surgeon.load_model(path)
+    surgeon.patch(model, recipe("sliding_window", window=16))
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    ids = tok([PROMPT, "Hello"], return_tensors="pt", padding=True, padding_side="left")
+    n = 70 - ids["input_ids"].shape[1] + 1
+    options = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=tok.eos_token_id,
+                   return_dict_in_generate=True)  # fmt: skip
+    with torch.no_grad():
+        windowed = model.generate(**ids, **options)
+        full = model.generate(**ids, cache=DynamicCache(), **options)
+    assert torch.equal(windowed.sequences, full.sequences)
+    assert kept(windowed.cache) == [15] * 30 and kept(full.cache) == [70] * 30
