@@ -73,6 +73,14 @@ def prompt_ids(tokenizer, n: int, vocab: int) -> torch.Tensor:  # (1, n)
     return torch.randint(3, vocab, (1, n), generator=torch.Generator().manual_seed(0))
 
 
+def loadavg() -> list[str] | None:
+    """The 1, 5 and 15 minute load averages (Linux), to read timings of a shared host by."""
+    if not os.path.exists("/proc/loadavg"):
+        return None
+    with open("/proc/loadavg") as f:
+        return f.read().split()[:3]
+
+
 def cache_bytes(cache) -> int:
     """Bytes of the storage behind every layer's keys and values (each storage once)."""
     seen, total = set(), 0
@@ -159,7 +167,7 @@ def main(argv=None) -> None:
         dense_ms = dense_ms or row["decode_ms_per_token"]
     dense_bytes = rows["dense"]["cache_bytes"]
     print(f"{name}, {args.n} positions ({args.fill}), window {args.window}, {args.threads} threads, "
-          f"loadavg {open('/proc/loadavg').read().split()[0] if os.path.exists('/proc/loadavg') else '?'}")
+          f"loadavg {' '.join(loadavg() or ['?'])}")
     print(f"{'setup':24} {'cache MiB':>10} {'vs dense':>9} {'kept/layer':>11} {'ms/token':>9} {'vs dense':>9}")
     for label, row in rows.items():
         print(f"{label:24} {row['cache_bytes'] / 2**20:10.2f} {row['cache_bytes'] / dense_bytes:9.3f} "
@@ -167,9 +175,8 @@ def main(argv=None) -> None:
               f"{row['decode_ms_per_token'] / dense_ms:9.3f}")
     equal = rows["patched, window cache"]["tokens"] == rows["patched, full cache"]["tokens"]
     print(f"patched tokens equal with window and full cache: {equal}")
-    loadavg = open("/proc/loadavg").read().split()[:3] if os.path.exists("/proc/loadavg") else None
     write_json(args.out, {"model": name, "n": args.n, "window": args.window, "fill": args.fill, "steps": args.steps,
-                          "threads": args.threads, "loadavg": loadavg, "tokens_equal": equal, "rows": rows})
+                          "threads": args.threads, "loadavg": loadavg(), "tokens_equal": equal, "rows": rows})
     if not equal:
         sys.exit("the window cache changed the patched model's tokens")
 

@@ -100,8 +100,8 @@ def test_generate_on_a_sliding_window_diff_uses_a_window_sized_cache(llama_dir, 
     generator = load_generator(str(diff))
     tok = generator.tokenizer
     ids = tok(PROMPT, return_tensors="pt")["input_ids"]
-    options = dict(attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False,
-                   pad_token_id=tok.eos_token_id, return_dict_in_generate=True)  # fmt: skip
+    options = {"attention_mask": torch.ones_like(ids), "max_new_tokens": 20, "do_sample": False,
+               "pad_token_id": tok.eos_token_id, "return_dict_in_generate": True}
     with torch.no_grad():
         windowed = generator.model.generate(input_ids=ids, **options)
         full = generator.model.generate(input_ids=ids, cache=transformers.DynamicCache(), **options)

@@ -13,17 +13,19 @@ import copy
 
 import pytest
 import torch
+import transformers
 from conftest import tiny_model
 from test_attention_local import attach_reference, padded_batch, recipe, sliding_mask_fn
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 import surgeon
+import surgeon.assets
 from surgeon.attention.window_cache import window_cache
 from surgeon.errors import SurgeonError
 
 NEW = 14
-GREEDY = dict(max_new_tokens=NEW, do_sample=False, pad_token_id=0)
+GREEDY = {"max_new_tokens": NEW, "do_sample": False, "pad_token_id": 0}
 
 
 @pytest.fixture(autouse=True)
@@ -157,17 +159,14 @@ def test_smollm2_window_cache_gives_todays_tokens():
 
     if _missing():
         pytest.skip(_missing())
-    import surgeon.assets
-    import transformers
-
     path = surgeon.assets.smollm2()
     model, _ = surgeon.load_model(path)
     surgeon.patch(model, recipe("sliding_window", window=16))
     tok = transformers.AutoTokenizer.from_pretrained(path)
     ids = tok([PROMPT, "Hello"], return_tensors="pt", padding=True, padding_side="left")
     n = 70 - ids["input_ids"].shape[1] + 1
-    options = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=tok.eos_token_id,
-                   return_dict_in_generate=True)  # fmt: skip
+    options = {"max_new_tokens": n, "min_new_tokens": n, "do_sample": False, "pad_token_id": tok.eos_token_id,
+               "return_dict_in_generate": True}
     with torch.no_grad():
         windowed = model.generate(**ids, **options)
         full = model.generate(**ids, cache=DynamicCache(), **options)
