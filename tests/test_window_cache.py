@@ -10,6 +10,7 @@ a window-w layer keeps the last min(P + N - 1, w - 1) of them; a dense layer kee
 from __future__ import annotations
 
 import copy
+import pickle
 
 import pytest
 import torch
@@ -136,13 +137,19 @@ def test_a_cache_too_small_or_static_is_refused_in_one_line():
     assert torch.equal(generate(model, ids, mask, cache=wide)[0], generate(model, ids, mask)[0])
 
 
-def test_a_copy_builds_its_cache_from_its_own_layers():
+@pytest.mark.parametrize("clone", [copy.deepcopy, lambda m: pickle.loads(pickle.dumps(m))], ids=["deepcopy", "pickle"])
+def test_a_copy_builds_its_cache_from_its_own_layers(clone):
     model = tiny_model("llama")
     surgeon.patch(model, recipe("sliding_window", window=6))
-    twin = copy.deepcopy(model)
-    assert twin._prepare_cache_for_generation.__self__ is twin
+    twin = clone(model)
+    assert twin._prepare_cache_for_generation.model is twin
+    twin.model.layers[0].self_attn.surgeon_attention.window = 3  # the copy's own variant decides
     ids, mask = padded_batch(seq=9, left=True)
-    assert kept(generate(twin, ids, mask)[1]) == [5] * 3
+    assert kept(generate(twin, ids, mask)[1]) == [5] * 3  # every sliding layer keeps the largest need
+    twin.model.layers[1].self_attn.surgeon_attention.window = 3
+    twin.model.layers[2].self_attn.surgeon_attention.window = 3
+    assert kept(generate(twin, ids, mask)[1]) == [2] * 3
+    assert kept(generate(model, ids, mask)[1]) == [5] * 3
 
 
 def test_unpatched_and_lora_models_keep_transformers_cache():

@@ -28,8 +28,6 @@ cache and one is refused by the variant, whose mask must not be longer than the 
 
 from __future__ import annotations
 
-import types
-
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
@@ -114,18 +112,27 @@ def check_cache(model: torch.nn.Module, cache: Cache) -> None:
             )
 
 
-def _prepare_windowed(self, generation_config, model_kwargs, *args, **kwargs):
-    # `self` is the model: bound with types.MethodType so that copy.deepcopy rebinds it to the copy
-    given = model_kwargs.get("cache")
-    result = type(self)._prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs)
-    cache = model_kwargs.get("cache")
-    if cache is None:
+class WindowCachePreparer:
+    """Stands in for the model's `_prepare_cache_for_generation`: runs transformers' own, then
+    swaps the plain DynamicCache it built for `window_cache(model)` and checks any other cache.
+    An object rather than a bound method or closure, so that pickle and copy.deepcopy carry it
+    with the model (a copy's preparer holds the copy)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    def __call__(self, generation_config, model_kwargs, *args, **kwargs):
+        model = self.model
+        given = model_kwargs.get("cache")
+        result = type(model)._prepare_cache_for_generation(model, generation_config, model_kwargs, *args, **kwargs)
+        cache = model_kwargs.get("cache")
+        if cache is None:
+            return result
+        if given is not None or type(cache) is not DynamicCache or getattr(cache, "offloading", False):
+            check_cache(model, cache)
+            return result
+        model_kwargs["cache"] = window_cache(model)
         return result
-    if given is not None or type(cache) is not DynamicCache or getattr(cache, "offloading", False):
-        check_cache(self, cache)
-        return result
-    model_kwargs["cache"] = window_cache(self)
-    return result
 
 
 def install(model: torch.nn.Module) -> None:
@@ -133,5 +140,5 @@ def install(model: torch.nn.Module) -> None:
     `generate` is left as it is)."""
     if getattr(model, INSTALLED_ATTR, False) or not hasattr(type(model), "_prepare_cache_for_generation"):
         return
-    model._prepare_cache_for_generation = types.MethodType(_prepare_windowed, model)
+    model._prepare_cache_for_generation = WindowCachePreparer(model)
     setattr(model, INSTALLED_ATTR, True)
