@@ -7,7 +7,7 @@ import warnings
 import torch
 from torch import nn
 
-from .attention import interface
+from .attention import interface, window_cache
 from .ledger import Ledger, RuleRecord
 from .modelmap import ModelMap, Target
 
@@ -111,6 +111,7 @@ class SurgeryContext:
     # ---- attention -------------------------------------------------------------------
     def attach_attention(self, target: Target, variant) -> None:
         interface.attach(self.model, target.module, variant)
+        window_cache.install(self.model)
         if isinstance(variant, nn.Module):
             self._record_added(
                 f"{target.path}.{interface.VARIANT_ATTR}", variant.named_parameters(), True

@@ -139,3 +139,16 @@ def test_flex_cpu_benchmark_runs_end_to_end(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert {row["pattern"] for row in rows} >= {"sliding ±256", "blockwise 16 blocks, 2 perms", "latent m=256 + band ±8"}
     assert all(row["flex_seconds"] > 0 and row["sdpa_seconds"] > 0 for row in rows)
+
+
+def test_kv_cache_window_benchmark_runs_end_to_end(tmp_path):
+    out = tmp_path / "kv.json"
+    run("kv_cache_window.py", "--quick", "--threads", "1", "--out", str(out))
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert result["tokens_equal"] and set(rows) == {"dense", "patched, window cache", "patched, full cache"}
+    # 96 prefilled positions + 6 decode steps; window 16 keeps 15
+    assert rows["patched, window cache"]["cache_positions_per_layer"] == [15]
+    assert rows["dense"]["cache_positions_per_layer"] == rows["patched, full cache"]["cache_positions_per_layer"] == [102]
+    assert rows["patched, window cache"]["cache_bytes"] < rows["dense"]["cache_bytes"] / 4
+    assert all(row["decode_ms_per_token"] > 0 for row in rows.values())

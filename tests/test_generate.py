@@ -87,3 +87,24 @@ def test_a_model_without_lm_head_is_refused(tmp_path):
     assert result.exit_code == 2
     assert "BertModel has no language-modelling head" in result.output
     assert "Traceback" not in result.output
+
+
+def test_generate_on_a_sliding_window_diff_uses_a_window_sized_cache(llama_dir, tmp_path):
+    model, _ = surgeon.load_model(llama_dir)
+    surgeon.patch(model, {"surgeon": 1, "rules": [{"do": "sliding_window", "select": {"role": "attn"},
+                                                   "with": {"window": 4}}]})  # fmt: skip
+    diff = tmp_path / "diff"
+    surgeon.save_diff(model, str(diff), base_dir=llama_dir)
+    result = invoke("generate", diff, "--prompt", PROMPT, "--greedy", "-n", 20)
+    assert result.exit_code == 0, result.output
+    generator = load_generator(str(diff))
+    tok = generator.tokenizer
+    ids = tok(PROMPT, return_tensors="pt")["input_ids"]
+    options = {"attention_mask": torch.ones_like(ids), "max_new_tokens": 20, "do_sample": False,
+               "pad_token_id": tok.eos_token_id, "return_dict_in_generate": True}
+    with torch.no_grad():
+        windowed = generator.model.generate(input_ids=ids, **options)
+        full = generator.model.generate(input_ids=ids, cache=transformers.DynamicCache(), **options)
+    assert [layer.keys.shape[2] for layer in windowed.cache.layers] == [3] * len(windowed.cache.layers)
+    assert torch.equal(windowed.sequences, full.sequences)
+    assert result.stdout.rstrip("\n") == tok.decode(full.sequences[0, ids.shape[1]:], skip_special_tokens=True)

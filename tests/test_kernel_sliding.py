@@ -159,6 +159,24 @@ def test_decode_queries_are_last_positions(n_q, dilation, method):
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("n_k", [5, 7, 30], ids=["keys-inside-window", "keys-equal-window", "keys-past-window"])
+@pytest.mark.parametrize("h_kv", [4, 2])
+@pytest.mark.parametrize("padded", ["none", "some", "window-all-padded"])
+def test_decode_step_fast_path(n_k, h_kv, padded):
+    # method "auto", one causal query, no dilation or global token: one SDPA call over the last
+    # `window` keys (sliding._decode_step), GQA in the kernel; a query with no key left gives zeros
+    pad = None
+    if padded != "none":
+        pad = torch.ones(2, n_k, dtype=torch.bool)
+        pad[1, : n_k // 2] = False
+        if padded == "window-all-padded":
+            pad[0, :] = False
+    out, ref = run_case(method="auto", n_q=1, n_k=n_k, window=7, causal=True, h_kv=h_kv, pad=pad)
+    torch.testing.assert_close(out, ref, atol=1e-8, rtol=0)
+    if padded == "window-all-padded":
+        assert out[0].abs().max() == 0
+
+
 @pytest.mark.parametrize("pad_side", [None, "left", "right"])
 @pytest.mark.parametrize("glob_pos", [None, [0, 7]])
 def test_causal_prefix_fast_path(pad_side, glob_pos):

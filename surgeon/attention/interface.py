@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..errors import SurgeonError
 from .kernels.sliding import sliding_window_attention
 
 ATTN_IMPLEMENTATION = "surgeon"
@@ -54,6 +55,10 @@ class AttentionVariant(Protocol):
         **kwargs,
     ) -> Tensor | None:  # (B, H, n_q, D), or None to fall back to dense attention
         ...
+
+    # Optional: `decode_reach(causal=) -> int | None`, the keys a decode step can reach counting
+    # itself; window_cache.py keeps only that many per layer during generate. Absent or None:
+    # the layer keeps every key.
 
 
 def ensure_registered() -> None:
@@ -155,6 +160,16 @@ def surgeon_attention_forward(
         out = _dense_with_full_mask(query, key, value, attention_mask, scaling, dropout)
         return out.transpose(1, 2).contiguous(), None
     key_padding_mask = attention_mask.bool() if attention_mask is not None else None
+    n_k = key.shape[2]
+    if key_padding_mask is not None and key_padding_mask.shape[1] != n_k:
+        # One padding mask per forward, sized from one cache layer; a window-sized cache layer
+        # (window_cache.py) holds only the last n_k positions: its columns are the mask's last n_k.
+        if key_padding_mask.shape[1] < n_k:
+            raise SurgeonError(
+                f"{type(module).__name__}: the padding mask covers {key_padding_mask.shape[1]} positions, "
+                f"the keys {n_k}: a cache layer keeps more keys than the mask was built for"
+            )
+        key_padding_mask = key_padding_mask[:, -n_k:]
     out = None
     variant = variant_of(module)
     if variant is not None:

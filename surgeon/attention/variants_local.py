@@ -60,6 +60,14 @@ class SlidingWindowVariant:
             dropout=dropout, block_size=self.block_size, method=self.kernel,
         )  # fmt: skip
 
+    def decode_reach(self, *, causal: bool) -> int | None:
+        """Keys a causal decode step can reach, itself included: offsets 0 … (w - 1)·δ with the
+        largest dilation δ (band.py). None (every key) when bidirectional or with global tokens:
+        a global key may lie anywhere before the window, and a global query sees every key."""
+        if not causal or self.global_tokens:
+            return None
+        return (self.window - 1) * max(as_list(self.dilation)) + 1
+
     def _global_mask(self, b, n_k, device, per_call, module) -> Tensor | None:
         if not self.global_tokens and per_call is None:
             return None

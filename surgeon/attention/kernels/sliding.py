@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ...errors import SurgeonError
@@ -65,6 +66,8 @@ def sliding_window_attention(
         global_mask = global_mask & key_padding_mask  # a padded position is never global
     if global_mask is not None and not bool(global_mask.any()):
         global_mask = None
+    if method == "auto" and n_q == 1 and causal and global_mask is None and dilations == [1] * len(dilations):
+        return _decode_step(query, key, value, window, key_padding_mask, scale, dropout)
     route = choose_route(method, batch=b, heads=h, head_dim=d, n_q=n_q, n_k=n_k, lo=lo, hi=hi, dilations=dilations,
                          has_global=global_mask is not None, block_size=block_size, device_type=query.device.type,
                          dtype=query.dtype, dropout=dropout)  # fmt: skip
@@ -81,6 +84,29 @@ def sliding_window_attention(
             key_padding_mask=key_padding_mask, scale=scale, dropout=dropout,
         )  # fmt: skip
     return _blocked(query, key, value, spec, dilations, global_mask, key_padding_mask)
+
+
+def _decode_step(
+    query: Tensor,  # (B, H, 1, D): the last position
+    key: Tensor,  # (B, H_kv, n_k, D)
+    value: Tensor,  # (B, H_kv, n_k, D)
+    window: int,
+    key_padding_mask: Tensor | None,  # (B, n_k)
+    scale: float,
+    dropout: float,
+) -> Tensor:  # (B, H, 1, D)
+    """One causal decode step without dilation or global tokens: its window is exactly the last
+    `window` keys, so one fused SDPA call over them (GQA heads shared in the kernel) does it; the
+    band plan would cost ~6x more at window 512 (benchmarks/kv_cache_window.py)."""
+    w = min(window, key.shape[2])
+    key, value = key[:, :, -w:], value[:, :, -w:]  # (B, H_kv, w, D)
+    pad = key_padding_mask[:, -w:] if key_padding_mask is not None else None  # (B, w)
+    mask = pad[:, None, None, :] if pad is not None else None  # (B, 1, 1, w)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scale,
+                                         enable_gqa=key.shape[1] != query.shape[1])  # fmt: skip
+    if pad is not None:  # a query with no real key left outputs zeros (SDPA would give NaN)
+        out = out.masked_fill(~pad.any(-1)[:, None, None, None], 0.0)
+    return out
 
 
 def _blocked(
