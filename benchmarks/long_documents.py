@@ -194,7 +194,8 @@ def fit_probe(x: torch.Tensor, y: torch.Tensor, weight_decay: float, steps: int)
 
 def probe(feats: torch.Tensor, data: list[dict], steps: int) -> dict:
     """Weight decay chosen by validation accuracy (ties: validation log-loss), refit on train +
-    val, scored on test: accuracy, its binomial standard error, and the per-speech majority vote."""
+    val, scored on test: accuracy, its binomial standard error, and the per-speech majority vote
+    (a speech counts as right when more than half its passages are; a tie counts as wrong)."""
     y = torch.tensor([p["label"] for p in data])
     part = {s: torch.tensor([p["split"] == s for p in data]) for s in SPLITS}
     scores = []
