@@ -69,16 +69,20 @@ def _render_totals(d: dict) -> str:
         summary.append(
             [
                 "quantised weights",
-                f"{_n(quantized['params'])} params in {_bytes(quantized['bytes'])} "
-                f"({_bytes(quantized['dense_bytes'])} at {d['dtype']})",
+                (
+                    f"{_n(quantized['params'])} params in {_bytes(quantized['bytes'])} "
+                    f"({_bytes(quantized['dense_bytes'])} at {d['dtype']})"
+                ),
             ]
         )
     mem = d["training_memory"]
     summary.append(
         [
             f"training memory ({mem['dtype']}, AdamW)",
-            f"{_bytes(mem['total_bytes'])} = weights {_bytes(mem['weights_bytes'])} + "
-            f"grads {_bytes(mem['grads_bytes'])} + optimizer {_bytes(mem['optimizer_bytes'])}",
+            (
+                f"{_bytes(mem['total_bytes'])} = weights {_bytes(mem['weights_bytes'])} + "
+                f"grads {_bytes(mem['grads_bytes'])} + optimizer {_bytes(mem['optimizer_bytes'])}"
+            ),
         ]
     )
     rank = mem["per_rank"]
@@ -86,8 +90,10 @@ def _render_totals(d: dict) -> str:
         summary.append(
             [
                 f"  per rank ({mem['strategy']}, {mem['world_size']} ranks)",
-                f"{_bytes(mem['per_rank_bytes'])} = weights {_bytes(rank['weights_bytes'])} + "
-                f"grads {_bytes(rank['grads_bytes'])} + optimizer {_bytes(rank['optimizer_bytes'])}",
+                (
+                    f"{_bytes(mem['per_rank_bytes'])} = weights {_bytes(rank['weights_bytes'])} + "
+                    f"grads {_bytes(rank['grads_bytes'])} + optimizer {_bytes(rank['optimizer_bytes'])}"
+                ),
             ]
         )
     return tabulate(summary, tablefmt="simple_outline", disable_numparse=True)  # the summary holds text
@@ -321,9 +327,13 @@ def build_report(surgery, seq_len: int | None = None, *, world_size: int = 1, st
             "formats": sorted({spec.describe() for spec, _ in ledger.quantized.values()}),
         },
         "training_memory": training_memory(
-            (weights - quantized_params) * size + quantized_bytes, trainable_total, size, dtype,
-            world_size=world_size, strategy=strategy,
-        ),  # fmt: skip
+            (weights - quantized_params) * size + quantized_bytes,
+            trainable_total,
+            size,
+            dtype,
+            world_size=world_size,
+            strategy=strategy,
+        ),
         "rules": rules,
         "layers": layers,
         "outside_layers": outside,

@@ -27,7 +27,11 @@ def qlora(fmt: dict = NF4, base: str = "frozen") -> dict:
         "base": base,
         "rules": [
             {"do": "quantize", "select": {"role": PROJ}, "with": fmt},
-            {"do": "lora", "select": {"role": ["attn.q", "attn.v", "mlp.down"]}, "with": {"r": 4, "init": "random"}},
+            {
+                "do": "lora",
+                "select": {"role": ["attn.q", "attn.v", "mlp.down"]},
+                "with": {"r": 4, "init": "random"},
+            },
         ],
     }
 
@@ -122,7 +126,9 @@ def test_exports_merged_fp32_and_surgeon_keeps_the_quantised_base(tmp_path, tiny
     torch.testing.assert_close(output_of(plain, inputs), want, rtol=1e-4, atol=1e-4)
     merged = surgeon.load(base, diff)
     surgeon.merge(merged)
-    assert torch.equal(plain.model.layers[0].self_attn.q_proj.weight, merged.model.layers[0].self_attn.q_proj.weight)
+    assert torch.equal(
+        plain.model.layers[0].self_attn.q_proj.weight, merged.model.layers[0].self_attn.q_proj.weight
+    )
 
     own = str(tmp_path / "own")
     result = runner.invoke(cli, ["export", diff, "-o", own, "--format", "surgeon", "--no-progress"])
@@ -140,10 +146,12 @@ def _patch_error(recipe: dict, family: str = "llama") -> str:
     return str(info.value)
 
 
+def one(select: dict, fmt: dict = NF4, base: str = "frozen", before=()) -> dict:
+    """A recipe of `before` rules, then one quantize rule."""
+    return {"surgeon": 1, "base": base, "rules": [*before, {"do": "quantize", "select": select, "with": fmt}]}
+
+
 def test_refusals_are_one_line_before_any_change():
-    one = lambda select, fmt=NF4, base="frozen", before=(): {  # noqa: E731
-        "surgeon": 1, "base": base, "rules": [*before, {"do": "quantize", "select": select, "with": fmt}]
-    }  # fmt: skip
     message = _patch_error(one({"role": "norm"}))
     assert "LlamaRMSNorm" in message and "nn.Linear weights only" in message and "\n" not in message
     message = _patch_error(one({"role": "attn.q"}, base="trainable"))
@@ -162,7 +170,9 @@ def test_refusals_are_one_line_before_any_change():
     with pytest.raises(SurgeonError, match="power of two"):
         surgeon.patch(tiny_model("llama"), one({"role": "attn.q"}, {"format": "nf4", "block_size": 48}))
     with pytest.raises(SurgeonError, match="nf4 only"):
-        surgeon.patch(tiny_model("llama"), one({"role": "attn.q"}, {"format": "int8", "scaler_block_size": 4}))
+        surgeon.patch(
+            tiny_model("llama"), one({"role": "attn.q"}, {"format": "int8", "scaler_block_size": 4})
+        )
 
 
 def test_report_memory_per_rank_for_strategies(tmp_path, tiny_model_dir):
