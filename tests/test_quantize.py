@@ -7,6 +7,8 @@ import torch
 from click.testing import CliRunner
 from conftest import output_of, tiny_inputs, tiny_model
 from export_support import make_diff
+from trainkit import FAST, data_file, make_base
+from trainkit import make_diff as make_untrained_diff
 
 import surgeon
 from surgeon import quant
@@ -138,6 +140,35 @@ def test_exports_merged_fp32_and_surgeon_keeps_the_quantised_base(tmp_path, tiny
     assert torch.equal(output_of(back, inputs), want)
 
 
+def test_surgeon_train_updates_lora_over_an_nf4_base_and_leaves_it_bit_identical(tmp_path):
+    base = make_base(tmp_path / "base", "llama")
+    rules = [
+        {"do": "quantize", "select": {"role": PROJ}, "with": {"format": "nf4", "block_size": 16}},
+        {"do": "lora", "select": {"role": PROJ}, "with": {"r": 4, "alpha": 8}},
+    ]
+    diff = make_untrained_diff(base, str(tmp_path / "d"), rules)
+    before = {
+        n: quant.dequantize(p)
+        for n, p in surgeon.load(base, diff).named_parameters()
+        if quant.is_quantized(p)
+    }
+    out = str(tmp_path / "out")
+    result = surgeon.train_diff(
+        diff, [data_file(tmp_path)], out_dir=out, objective="clm", steps=30, lr=1e-2, **FAST
+    )
+    losses = result.losses
+    # a tiny random model starts near log(vocab) = 5.55; LoRA over fp32 reaches ~5.39 here too
+    assert sum(losses[-5:]) / 5 < losses[0] - 0.1, losses
+    trained = surgeon.load(base, out)
+    after = {n: quant.dequantize(p) for n, p in trained.named_parameters() if quant.is_quantized(p)}
+    assert after.keys() == before.keys() and len(after) == 2 * len(PROJ)
+    assert all(torch.equal(after[n], before[n]) for n in before)
+    from safetensors import safe_open
+
+    with safe_open(f"{out}/diff.safetensors", framework="pt") as handle:
+        assert all(".surgeon_lora." in n for n in handle.keys())
+
+
 def _patch_error(recipe: dict, family: str = "llama") -> str:
     model = tiny_model(family)
     with pytest.raises(SurgeonError) as info:
@@ -163,8 +194,10 @@ def test_refusals_are_one_line_before_any_change():
     later["rules"].append({"do": "unfreeze", "select": {"role": "layer", "layers": "1"}})
     message = _patch_error(later)
     assert "stored quantised and cannot be trained" in message and "\n" not in message
-    message = _patch_error(one({"role": "attn.k"}, {"format": "nf4"}))
+    message = _patch_error(one({"role": "attn.k"}, {"format": "nf4", "scaler_block_size": 256}))
     assert "scaler_block_size" in message and "would fit" in message
+    message = _patch_error(one({"role": "attn.k"}, {"format": "nf4", "block_size": 1024}))
+    assert "512 elements are not a multiple of block_size=1024" in message
     message = _patch_error(one({"path": "lm_head"}, {"format": "int8"}, before=[]), family="gpt2")
     assert "Conv1D" in message or "tied" in message
     with pytest.raises(SurgeonError, match="power of two"):
@@ -173,6 +206,16 @@ def test_refusals_are_one_line_before_any_change():
         surgeon.patch(
             tiny_model("llama"), one({"role": "attn.q"}, {"format": "int8", "scaler_block_size": 4})
         )
+
+
+def test_nf4_default_scaler_block_fits_the_shape():
+    model = tiny_model("llama")
+    surgeon.patch(model, one({"role": ["attn.q", "attn.k"]}, {"format": "nf4", "block_size": 16}))
+    specs = {
+        name.rsplit(".", 2)[-2]: spec
+        for name, (spec, _) in surgeon.surgery_of(model).ledger.quantized.items()
+    }
+    assert specs["q_proj"] == QuantSpec("nf4", 16, 64) and specs["k_proj"] == QuantSpec("nf4", 16, 32)
 
 
 def test_report_memory_per_rank_for_strategies(tmp_path, tiny_model_dir):

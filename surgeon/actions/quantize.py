@@ -47,7 +47,9 @@ class QuantizeParams(pydantic.BaseModel):
         "QLoRA); int8: input columns per group (default: one scale per output row)",
     )
     scaler_block_size: int | None = Field(
-        None, description="nf4 only: block scales per double-quantisation block (default 256, as QLoRA)"
+        None,
+        description="nf4 only: block scales per double-quantisation block (default 256, as QLoRA, or "
+        "the largest power of two dividing a weight's block count where 256 does not)",
     )
 
     @pydantic.model_validator(mode="after")
@@ -60,11 +62,19 @@ class QuantizeParams(pydantic.BaseModel):
             raise ValueError("scaler_block_size applies to format nf4 only")
         return self
 
-    @property
-    def spec(self) -> QuantSpec:
-        if self.format == "nf4":
-            return QuantSpec("nf4", self.block_size or 64, self.scaler_block_size or 256)
-        return QuantSpec("int8", self.block_size)
+    def spec_for(self, shape: tuple[int, ...]) -> QuantSpec:
+        """The spec for an (out, in) weight. nf4 without scaler_block_size: 256 (QLoRA's), or the
+        largest power of two dividing the weight's block count when 256 does not (576 x 576 in
+        blocks of 64 is 5,184 blocks: 64) — torchao needs whole scaler blocks; a pure function of
+        the shape, so loading picks the same."""
+        if self.format == "int8":
+            return QuantSpec("int8", self.block_size)
+        block = self.block_size or 64
+        scaler = self.scaler_block_size
+        if scaler is None:
+            blocks = shape[0] * shape[1] // block
+            scaler = min(256, blocks & -blocks) if blocks else 256  # blocks & -blocks: its largest 2^k factor
+        return QuantSpec("nf4", block, scaler)
 
 
 class Quantize(Action):
@@ -93,19 +103,21 @@ class Quantize(Action):
                 f"quantize: {name} is trainable when this rule runs; only frozen weights can be stored "
                 "quantised (use base: frozen, or freeze it in an earlier rule)"
             )
-        problem = quant.shape_problem(tuple(module.weight.shape), params.spec)
+        spec = params.spec_for(tuple(module.weight.shape))
+        problem = quant.shape_problem(tuple(module.weight.shape), spec)
         if problem:
-            raise SurgeonError(f"quantize: cannot store {name} as {params.spec.describe()}: {problem}")
+            raise SurgeonError(f"quantize: cannot store {name} as {spec.describe()}: {problem}")
         _planned(ctx).add(id(module.weight))
 
     def apply(self, target, params: QuantizeParams, ctx) -> None:
-        ctx.quantize_weight(target.module, params.spec)
+        ctx.quantize_weight(target.module, params.spec_for(tuple(target.module.weight.shape)))
 
     def finish(self, targets, params: QuantizeParams, ctx) -> None:
         stored = sum(ctx.rule.quantized.values())
         dense = sum(t.module.weight.numel() for t in targets) * 4
+        specs = sorted({ctx.ledger.quantized[n][0].describe() for n in ctx.rule.quantized})
         ctx.note(
-            f"{len(targets)} weights as {params.spec.describe()}: {stored / 2**20:.1f} MiB "
+            f"{len(targets)} weights as {', '.join(specs)}: {stored / 2**20:.1f} MiB "
             f"(fp32 {dense / 2**20:.1f} MiB)"
         )
 
