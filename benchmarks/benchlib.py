@@ -148,6 +148,22 @@ def _status_kib(field: str) -> int:
     raise OSError(field)
 
 
+def status_mb(field: str) -> float:
+    """A line of /proc/self/status in MiB: VmRSS now, VmHWM the peak since the last reset."""
+    return _status_kib(field) / 1024
+
+
+def reset_peak_rss() -> bool:
+    """Reset the peak RSS (VmHWM) to the current RSS (Linux >= 4.0: /proc/self/clear_refs <- 5), so
+    what was loaded before does not count; False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def table(rows, models) -> str:
     lines = [f"{'variant':34s} {'n':>6s} {'time s':>9s} {'speedup':>8s} {'FLOP lim':>9s} {'peak MiB':>9s}"]
     for r in rows:

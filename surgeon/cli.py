@@ -100,8 +100,12 @@ def _print_plan(surgery) -> None:
 @click.option("-r", "--recipe", "recipe_path", help="Recipe (a file or recipes:NAME) to apply before reporting.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--seq-len", type=click.IntRange(min=1), help="Add per-layer attention cost at this length.")
+@click.option("--world-size", type=click.IntRange(min=1, max=1 << 20), default=1, show_default=True,
+              help="Training processes: memory per rank is shown for this many.")
+@click.option("--strategy", type=click.Choice(["ddp", "fsdp"]), default="ddp", show_default=True,
+              help="ddp: every rank holds everything; fsdp: weights, grads and AdamW states sharded over the ranks.")
 @friendly
-def report(model_dir, recipe_path, as_json, seq_len):
+def report(model_dir, recipe_path, as_json, seq_len, world_size, strategy):
     """Parameter counts (total, trainable, added), per rule and per layer, and training memory.
 
     Reads config.json only (the model is built on the meta device), so it takes seconds even
@@ -118,7 +122,7 @@ def report(model_dir, recipe_path, as_json, seq_len):
 
     model, _ = build_meta_model(model_dir, real_buffers=False)
     surgery = patch(model, recipe) if recipe else Surgery(model, Ledger(model))
-    result = surgery.report(seq_len=seq_len)
+    result = surgery.report(seq_len=seq_len, world_size=world_size, strategy=strategy)
     click.echo(json.dumps(result.to_dict(), indent=1) if as_json else result.render())
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 import signal
 import sys
@@ -89,6 +90,10 @@ def quiet_transformers() -> None:
     a command shows surgeon's own bars (export, train) and nothing else."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # transformers imports torchao whenever it is installed (the quant extra); its CPU wheel logs a
+    # warning for each CUDA-only extension it cannot load, and torch one for each enum it registers
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     try:
         from transformers.utils import logging as hf_logging
     except ImportError:

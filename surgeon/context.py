@@ -7,9 +7,12 @@ import warnings
 import torch
 from torch import nn
 
+from . import quant
 from .attention import interface, window_cache
+from .errors import SurgeonError
 from .ledger import Ledger, RuleRecord
 from .modelmap import ModelMap, Target
+from .quant import QuantSpec
 
 
 class SurgeryContext:
@@ -20,6 +23,7 @@ class SurgeryContext:
     - `add_module(parent, name, module, trainable=True)`: register new tensors on `parent`.
     - `replace_parameter(module, name, tensor, trainable=None)`: swap a base tensor (e.g. grow
       a position table); the growth is counted as added parameters.
+    - `quantize_weight(module, spec)`: store a frozen Linear's weight quantised (`surgeon.quant`).
     - `attach_attention(target, variant)`: give an attention module an efficient variant.
     - `note(text)`: a line for the report (e.g. "tied lm_head untied").
     - `warn(text)`: something the patch does not stop for but the user should know now (kept in
@@ -37,6 +41,9 @@ class SurgeryContext:
         # while checking: (rule, action, targets) of the recipe's earlier rules, which are
         # checked against the unpatched model but will have been applied before this one
         self.planned: list = []
+        # the recipe's `base:` on a model's first patch (None on later ones): what every tensor's
+        # trainability is before the first rule runs
+        self.base: str | None = None
 
     def path_of(self, module: nn.Module) -> str:
         for path, candidate in self.model.named_modules():
@@ -52,6 +59,12 @@ class SurgeryContext:
 
     def _set_param(self, param: nn.Parameter, trainable: bool) -> None:
         name = self.ledger.name_of(param)
+        if trainable and name in self.ledger.quantized:
+            where = f"{self.rule.where}: rule {self.rule.index + 1} ({self.rule.action}): " if self.rule else ""
+            raise SurgeonError(
+                f"{where}{name} is stored quantised ({self.ledger.quantized[name][0].describe()}) and "
+                "cannot be trained; train it through LoRA, or leave it out of the quantize rule"
+            )
         param.requires_grad_(trainable)
         rule = self.rule
         if trainable and name not in self.ledger.trainable:
@@ -107,6 +120,25 @@ class SurgeryContext:
             growth = new.numel() - old.numel()
             self.rule.added[full] = self.rule.added.get(full, 0) + growth
             self.rule.notes.append(f"{full}: {tuple(old.shape)} -> {tuple(new.shape)}")
+
+    # ---- quantised storage ---------------------------------------------------------------
+    def quantize_weight(self, module: nn.Module, spec: QuantSpec) -> None:
+        """Store `module.weight` (frozen) quantised per `spec`. On the meta device (report, export
+        plans) nothing is computed: the ledger records the spec and the bytes it would take."""
+        weight = module.weight
+        name = self.ledger.name_of(weight)
+        if weight.requires_grad or name in self.ledger.trainable:
+            raise RuntimeError(f"surgeon bug: quantize_weight on trainable {name}")
+        if weight.is_meta:
+            stored = quant.expected_bytes(tuple(weight.shape), spec)
+        else:
+            new = nn.Parameter(quant.quantize(weight, spec), requires_grad=False)
+            module.weight = new
+            self.ledger.refresh_names(self.model)
+            stored = quant.stored_bytes(new)
+        self.ledger.quantized[name] = (spec, stored)
+        if self.rule is not None:
+            self.rule.quantized[name] = stored
 
     # ---- attention -------------------------------------------------------------------
     def attach_attention(self, target: Target, variant) -> None:

@@ -31,10 +31,10 @@ class Surgery:
     def rules(self) -> list[RuleRecord]:
         return self.ledger.rules
 
-    def report(self, seq_len: int | None = None):
+    def report(self, seq_len: int | None = None, *, world_size: int = 1, strategy: str = "ddp"):
         from .report import build_report
 
-        return build_report(self, seq_len=seq_len)
+        return build_report(self, seq_len=seq_len, world_size=world_size, strategy=strategy)
 
 
 def surgery_of(model: nn.Module) -> Surgery | None:
@@ -65,6 +65,7 @@ def patch(model: nn.Module, recipe: Recipe | dict | str) -> Surgery:
             )
     model_map = ModelMap(model)
     ctx = SurgeryContext(model, model_map, surgery.ledger, surgery.warnings)
+    ctx.base = recipe.base if first else None  # None: trainability is what earlier patches left
     plan = _plan(recipe, model_map, ctx, surgery)
 
     if first:

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .quant import QuantSpec
+
 
 @dataclass
 class RuleRecord:
@@ -28,6 +30,7 @@ class RuleRecord:
     # name -> elements this rule added: a whole new tensor, or the growth of a resized base tensor
     added: dict[str, int] = field(default_factory=dict)
     attention: list[str] = field(default_factory=list)
+    quantized: dict[str, int] = field(default_factory=dict)  # name -> bytes stored
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -47,6 +50,9 @@ class Ledger:
         self.added: dict[str, str] = {}  # name -> rule label
         self.added_numel: dict[str, int] = {}
         self.resized: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}  # name -> (old, new)
+        # frozen base weights stored quantised: name -> (spec, bytes stored); the diff holds none of
+        # them (the rule recomputes them from the base), the report counts their bytes
+        self.quantized: dict[str, tuple[QuantSpec, int]] = {}
         self.rules: list[RuleRecord] = []
         for name, param in model.named_parameters():
             self.base[name] = param.numel()
@@ -97,6 +103,10 @@ class Ledger:
                 if name in owners:
                     owners[name] = rule
         return owners
+
+    def quantized_bytes(self) -> tuple[int, int]:
+        """(elements, bytes stored) of the quantised weights."""
+        return sum(self.base[n] for n in self.quantized), sum(b for _, b in self.quantized.values())
 
     def trainable_names(self) -> list[str]:
         return sorted(self.trainable)

@@ -21,6 +21,7 @@ from tabulate import tabulate
 from .modelmap import ModelMap
 
 ADAMW_STATES = 2  # exp_avg and exp_avg_sq
+STRATEGIES = ("ddp", "fsdp")  # how `training_memory` places weights, grads and optimizer states on ranks
 SCORE_BYTES = 4  # the cost table counts fp32 scores, whatever the model's dtype
 NOTE_WIDTH = 56  # the notes column wraps at word boundaries; --json has the full text
 SELECT_WIDTH = 36
@@ -63,14 +64,38 @@ def _render_totals(d: dict) -> str:
         ["trainable params", trainable],
         ["diff tensors", f"{d['diff_tensors']}  ({_bytes(d['diff_bytes'])})"],
     ]
+    quantized = d.get("quantized")
+    if quantized and quantized["params"]:
+        summary.append(
+            [
+                "quantised weights",
+                (
+                    f"{_n(quantized['params'])} params in {_bytes(quantized['bytes'])} "
+                    f"({_bytes(quantized['dense_bytes'])} at {d['dtype']})"
+                ),
+            ]
+        )
     mem = d["training_memory"]
     summary.append(
         [
             f"training memory ({mem['dtype']}, AdamW)",
-            f"{_bytes(mem['total_bytes'])} = weights {_bytes(mem['weights_bytes'])} + "
-            f"grads {_bytes(mem['grads_bytes'])} + optimizer {_bytes(mem['optimizer_bytes'])}",
+            (
+                f"{_bytes(mem['total_bytes'])} = weights {_bytes(mem['weights_bytes'])} + "
+                f"grads {_bytes(mem['grads_bytes'])} + optimizer {_bytes(mem['optimizer_bytes'])}"
+            ),
         ]
     )
+    rank = mem["per_rank"]
+    if mem["world_size"] > 1:
+        summary.append(
+            [
+                f"  per rank ({mem['strategy']}, {mem['world_size']} ranks)",
+                (
+                    f"{_bytes(mem['per_rank_bytes'])} = weights {_bytes(rank['weights_bytes'])} + "
+                    f"grads {_bytes(rank['grads_bytes'])} + optimizer {_bytes(rank['optimizer_bytes'])}"
+                ),
+            ]
+        )
     return tabulate(summary, tablefmt="simple_outline", disable_numparse=True)  # the summary holds text
 
 
@@ -215,7 +240,35 @@ def _dtype_bytes(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def build_report(surgery, seq_len: int | None = None) -> Report:
+def training_memory(
+    weights_bytes: int, trainable: int, size: int, dtype: torch.dtype, *, world_size: int = 1, strategy: str = "ddp"
+) -> dict:
+    """Weights + gradients + AdamW states, in total and per rank. ddp (or one process) keeps a whole
+    copy on every rank; fsdp (FSDP2 `fully_shard`, ZeRO-3) splits all three evenly over the ranks
+    (rounded up), besides the one unit it gathers whole while computing it."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r} (known: {', '.join(STRATEGIES)})")
+    parts = {
+        "weights_bytes": weights_bytes,
+        "grads_bytes": trainable * size,
+        "optimizer_bytes": ADAMW_STATES * trainable * size,
+    }
+    shards = world_size if strategy == "fsdp" else 1
+    per_rank = {k: -(-v // shards) for k, v in parts.items()}
+    return {
+        "dtype": str(dtype).removeprefix("torch."),
+        **parts,
+        "total_bytes": sum(parts.values()),
+        "strategy": strategy,
+        "world_size": world_size,
+        "per_rank": per_rank,
+        "per_rank_bytes": sum(per_rank.values()),
+        "note": "weights (quantised ones at their stored bytes) + gradients + AdamW states; activations "
+        "not included" + ("; fsdp also gathers one unit's weights whole while computing it" if shards > 1 else ""),
+    }
+
+
+def build_report(surgery, seq_len: int | None = None, *, world_size: int = 1, strategy: str = "ddp") -> Report:
     ledger = surgery.ledger
     model = surgery.model
     params = dict(model.named_parameters())
@@ -226,6 +279,7 @@ def build_report(surgery, seq_len: int | None = None) -> Report:
     dtype = next(iter(ledger.base_dtype.values()), torch.float32)
     size = _dtype_bytes(dtype)
     weights = sum(p.numel() for p in params.values())
+    quantized_params, quantized_bytes = ledger.quantized_bytes()
     diff_bytes = sum(params[n].numel() * params[n].element_size() for n in ledger.diff_names() if n in params)
     owners = ledger.trainable_owners()
     owned: dict[int, int] = {}
@@ -266,14 +320,20 @@ def build_report(surgery, seq_len: int | None = None) -> Report:
         "base_trainable_params": owned.get(0, 0),
         "diff_tensors": len(ledger.diff_names()),
         "diff_bytes": diff_bytes,
-        "training_memory": {
-            "dtype": str(dtype).removeprefix("torch."),
-            "weights_bytes": weights * size,
-            "grads_bytes": trainable_total * size,
-            "optimizer_bytes": ADAMW_STATES * trainable_total * size,
-            "total_bytes": (weights + (1 + ADAMW_STATES) * trainable_total) * size,
-            "note": "weights + gradients + AdamW states; activations not included",
+        "quantized": {
+            "params": quantized_params,
+            "bytes": quantized_bytes,
+            "dense_bytes": quantized_params * size,
+            "formats": sorted({spec.describe() for spec, _ in ledger.quantized.values()}),
         },
+        "training_memory": training_memory(
+            (weights - quantized_params) * size + quantized_bytes,
+            trainable_total,
+            size,
+            dtype,
+            world_size=world_size,
+            strategy=strategy,
+        ),
         "rules": rules,
         "layers": layers,
         "outside_layers": outside,

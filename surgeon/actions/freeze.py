@@ -6,7 +6,9 @@ or `base: frozen` + `unfreeze` on `{role: layer, layers: "N:"}`.
 
 from __future__ import annotations
 
+from ..errors import SurgeonError
 from .base import Action
+from .quantize import planned_or_quantized
 
 
 class Freeze(Action):
@@ -20,6 +22,15 @@ class Freeze(Action):
 class Unfreeze(Action):
     name = "unfreeze"
     summary = "make every parameter of the selected modules trainable"
+
+    def check(self, target, params, ctx) -> None:
+        for local, param in target.module.named_parameters():
+            name = f"{target.path}.{local}" if target.path else local
+            if planned_or_quantized(param, name, ctx):
+                raise SurgeonError(
+                    f"unfreeze: {target.display} holds {name}, which is stored quantised and cannot be "
+                    "trained; select the modules to train without it (or train it through LoRA)"
+                )
 
     def apply(self, target, params, ctx) -> None:
         ctx.set_trainable(target.module, True)

@@ -18,6 +18,7 @@ import torch
 from ..diff import DIFF_FILE
 from ..errors import CheckpointError
 from ..lora.merge import untied_names
+from ..quant import QuantSpec
 from .meta_diff import MetaDiff
 from .stream import DTYPES
 
@@ -30,7 +31,9 @@ class OutTensor:
 
     `source` is ("base", file, name) | ("diff", DIFF_FILE, name) | ("model", "", name) (a tensor
     of the patched meta model that was loaded or computed) | ("zeros", "", ""). `pieces` are
-    LoRA merge pieces in the source's coordinates. `transform`, when set, maps the whole merged
+    LoRA merge pieces in the source's coordinates. `quantized`, for a base weight the recipe stores
+    quantised, replaces the source by dequantize(quantize(source)) — the values the patched model
+    computes with — before the pieces are added (whole tensor: NF4's scales span rows). `transform`, when set, maps the whole merged
     source tensor (shape `source_shape`) to the written one (shape `shape`): for small tensors
     only (a position table), since it holds the tensor in memory.
     """
@@ -42,6 +45,7 @@ class OutTensor:
     pieces: list = field(default_factory=list)
     source_shape: tuple[int, ...] | None = None
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+    quantized: QuantSpec | None = None  # a base weight the model holds quantised: its dequantised values
 
     @property
     def read_shape(self) -> tuple[int, ...]:
@@ -52,8 +56,11 @@ class OutTensor:
         return replace(self, name=name, **{"pieces": list(self.pieces), **changes})
 
 
-def plan_merged(meta: MetaDiff, pieces, adapters) -> tuple[Layout, dict]:
-    """Per output shard (the base's files), the tensors to write; and the config updates."""
+def plan_merged(meta: MetaDiff, pieces, adapters, *, dequantize: bool = True) -> tuple[Layout, dict]:
+    """Per output shard (the base's files), the tensors to write; and the config updates.
+
+    `dequantize=False` writes quantised weights with their base values (an export that re-applies
+    the quantize rule on load); it is then an error for a LoRA piece to merge into one."""
     info = meta.info
     layout: Layout = {file: {} for file in info.files}
     for name, (tag, shape) in info.tensors.items():
@@ -92,7 +99,14 @@ def plan_merged(meta: MetaDiff, pieces, adapters) -> tuple[Layout, dict]:
     for name, buffer in meta.model.named_buffers():
         if name in outs and tuple(buffer.shape) != outs[name].shape and not buffer.is_meta:
             outs[name].source, outs[name].shape = ("model", "", name), tuple(buffer.shape)
+    quantized = meta.surgery.ledger.quantized
+    for name, (spec, _) in quantized.items() if dequantize else ():
+        if name not in outs or outs[name].source[0] != "base":
+            raise RuntimeError(f"export bug: quantised weight {name} is not a base tensor of the plan")
+        outs[name].quantized = spec
     for piece in pieces:
+        if not dequantize and piece.param_name in quantized:
+            raise RuntimeError(f"export bug: LoRA merging into {piece.param_name}, which stays quantised")
         if piece.param_name not in outs:
             raise CheckpointError(
                 f"{meta.base_dir}: LoRA adapter {piece.adapter} merges into {piece.param_name}, "

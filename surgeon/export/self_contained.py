@@ -16,7 +16,9 @@ refuses the directory (unknown model_type "surgeon") instead of silently loading
 
 Which rules remain: a LoRA adapter is merged (its rules dropped) when every piece of it folds
 into a base tensor — not when its weight is tied without `untie: true`, nor when it adapts a
-module a rule added; those stay LoRA. LoRA adapters not chosen with `adapters=` are left out.
+module a rule added, nor when it adapts a weight `quantize` stores quantised; those stay LoRA.
+`quantize` stays: the weights are written with the base's own values, and loading quantises
+them again to the same bits (QLoRA's base is kept, on disk at the base's precision). LoRA adapters not chosen with `adapters=` are left out.
 `extend_positions` is dropped: its table and config are already in the weights. Every other
 rule (freeze/unfreeze/BitFit restore what is trainable; adapters; attention variants) stays.
 """
@@ -65,7 +67,9 @@ def export_self_contained(
     check_output(out_dir, [base_dir, diff_dir], overwrite=overwrite)
     meta = open_meta_diff(diff_dir, base_dir, trust_base=trust_base)
     merged, kept, left_out = _split_lora(meta, adapters)
-    layout, config_changes = plan_merged(meta, merge_pieces(meta.model, merged) if merged else [], merged)
+    pieces = merge_pieces(meta.model, merged) if merged else []
+    # quantised weights are written as the base holds them; the quantize rule re-applies on load
+    layout, config_changes = plan_merged(meta, pieces, merged, dequantize=False)
     records, recipe = _remaining_recipe(meta, merged + left_out)
     added = sorted(n for record in records for n in record.added)
     state = meta.state()
@@ -123,7 +127,9 @@ def _split_lora(meta: MetaDiff, adapters: list[str] | None) -> tuple[list[str], 
             kept.append(name)
             continue
         stored = set(meta.info.weight_map) | set(untied_names(meta.model, [name]))
-        (merged if all(p.param_name in stored for p in pieces) else kept).append(name)
+        quantized = meta.surgery.ledger.quantized  # stays quantised on load, so its LoRA stays LoRA
+        foldable = all(p.param_name in stored and p.param_name not in quantized for p in pieces)
+        (merged if foldable else kept).append(name)
     return merged, kept, left_out
 
 

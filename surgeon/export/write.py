@@ -26,6 +26,7 @@ from ..checkpoint import INDEX, CheckpointInfo
 from ..errors import CheckpointError, SurgeonError
 from ..fsutil import atomic_dir, output_path
 from ..lora.layer import LoraAdapter
+from ..quant import roundtrip
 from .meta_diff import MetaDiff
 from .plan import Layout, OutTensor
 from .stream import ReaderPool, ShardReader, ShardWriter, all_finite, bytes_of, numel
@@ -124,9 +125,13 @@ def merged_blocks(out: OutTensor, meta: MetaDiff, readers: ReaderPool):
     for start in range(0, rows, block):
         stop = min(rows, start + block)
         tensor = source(start, stop)
-        if tensor.dtype != out.dtype:
+        if out.quantized is not None:
+            for delta in deltas:  # dequantised fp32 rows: the deltas go in at fp32, the sum rounded once
+                delta.add_rows(tensor, start, stop)
+            tensor = tensor.to(out.dtype)
+        elif tensor.dtype != out.dtype:
             tensor = tensor.to(out.dtype)  # a diff trained in fp32 on a bf16 base: back to the base dtype
-        if deltas:
+        if deltas and out.quantized is None:
             work = tensor if tensor.dtype == torch.float32 else tensor.float()  # fp32 math
             for delta in deltas:
                 delta.add_rows(work, start, stop)
@@ -160,6 +165,9 @@ def _source(out: OutTensor, meta: MetaDiff, readers: ReaderPool):
         raise CheckpointError(
             f"{reader.path}: tensor {name} has shape {reader.shape(name)}, expected {shape}"
         )
+    if out.quantized is not None:
+        whole = roundtrip(reader.read(name), out.quantized)  # fp32, (out, in)
+        return lambda start, stop: whole[start:stop].clone()
     return lambda start, stop: reader.read_rows(name, start, stop)
 
 

@@ -10,6 +10,11 @@ copy and the partner keeps the original.
 it the delta goes, and a callable giving the fp32 delta — it never touches the base weights, so
 it works on a meta-device model whose LoRA tensors were loaded with
 `load_state_dict(small_state, strict=False, assign=True)`.
+
+A quantised base weight (`quantize`, QLoRA) merges into its dequantised fp32 values — what the
+adapter was trained against — and the merged weight is a plain fp32 parameter in its place (it
+cannot be rounded back into NF4/int8 without undoing the merge); `unmerge` puts the quantised
+parameter itself back.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from torch import nn
 
 from ..adapters.host import AdapterHost
 from ..errors import SurgeonError
+from ..quant import dequantize, is_quantized
 from .host import LoraHost
 from .layer import LoraAdapter
 
@@ -152,7 +158,7 @@ def non_mergeable(model: nn.Module) -> list[str]:
 def _merged_value(module: nn.Module, host: LoraHost, merged: list[LoraAdapter]) -> torch.Tensor:
     """fp32 original + every merged adapter's delta, in the weight's own layout."""
     original = host.original_weight if host.original_weight is not None else module.weight.detach()
-    new = original.to(torch.float32, copy=True)  # never alias the kept original
+    new = dequantize(original) if is_quantized(original) else original.to(torch.float32, copy=True)
     for adapter in merged:
         index = _index(adapter)
         if index is None:
@@ -182,13 +188,19 @@ def merge(model: nn.Module, adapters: list[str] | None = None) -> int:
             )
     for module, host, merged in plan:
         new = _merged_value(module, host, merged)
-        if host.original_weight is None:
+        quantized = is_quantized(host.original_weight if host.original_weight is not None else module.weight)
+        if quantized:
+            if host.original_weight is None:
+                host.merge_state["original"] = module.weight  # the quantised parameter, kept as is
+            module.weight = nn.Parameter(new, requires_grad=False)  # fp32: one rounding, none back to 4 bits
+        elif host.original_weight is None:
             if len(sharers.get(id(module.weight), [])) > 1:
                 # untie: the partner keeps the shared parameter; this module gets its own copy
                 host.merge_state["tied"] = module.weight
                 module.weight = nn.Parameter(module.weight.detach().clone(), requires_grad=False)
             host.merge_state["original"] = module.weight.detach().clone()
-        module.weight.copy_(new.to(module.weight.dtype))  # round once
+        if not quantized:
+            module.weight.copy_(new.to(module.weight.dtype))  # round once
         for adapter in merged:
             adapter.merged = True
     return len(plan)
@@ -207,6 +219,8 @@ def unmerge(model: nn.Module) -> int:
             continue
         if host.tied_weight is not None:
             module.weight = host.tied_weight  # the shared parameter was never modified
+        elif is_quantized(host.original_weight):
+            module.weight = host.original_weight  # the quantised parameter, never modified
         else:
             module.weight.copy_(host.original_weight)
         host.merge_state.clear()
