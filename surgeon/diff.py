@@ -81,9 +81,8 @@ def _given_tensors(model, tensors: dict[str, torch.Tensor]) -> dict[str, torch.T
     shapes = {n: tuple(t.shape) for n, t in [*model.named_parameters(), *model.named_buffers()]}
     for name in names:
         if tuple(tensors[name].shape) != shapes[name]:
-            raise SurgeonError(
-                f"{name}: the tensor to save has shape {tuple(tensors[name].shape)}, the model's is {shapes[name]}"
-            )
+            given = tuple(tensors[name].shape)
+            raise SurgeonError(f"{name}: the tensor to save has shape {given}, the model's is {shapes[name]}")
     return {name: tensors[name].detach().to("cpu").contiguous() for name in names}
 
 
