@@ -14,11 +14,11 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
+from trainkit import BITFIT_ATTN, data_file, make_base, make_diff, one_thread, step_dirs  # noqa: F401
 
 import surgeon
 from surgeon.errors import SurgeonError
 from surgeon.train import TrainingInterrupted, train_diff
-from trainkit import data_file, make_base, make_diff, one_thread, step_dirs  # noqa: F401
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 LORA = [{"do": "lora", "select": {"role": ["attn.q", "attn.v"]}, "with": {"r": 4}}]
@@ -73,7 +73,9 @@ def test_two_process_fsdp_equals_one_process_and_shards_the_base(llama, tmp_path
     single = train_diff(diff, [data], out_dir=str(tmp_path / "single"), steps=4, batch_size=4, **RUN)
     for a, b in zip(ranks[0]["losses"], single.losses):
         assert abs(a - b) <= 1e-5 * abs(b)
-    _close(load_file(os.path.join(out, "diff.safetensors")), load_file(str(tmp_path / "single/diff.safetensors")))
+    _close(
+        load_file(os.path.join(out, "diff.safetensors")), load_file(str(tmp_path / "single/diff.safetensors"))
+    )
     surgeon.load(base, out)  # a complete diff, bound to its base
 
 
@@ -91,7 +93,9 @@ def test_fsdp_checkpoint_and_resume_follow_the_uninterrupted_run(llama, tmp_path
     surgeon.load(base, os.path.join(checkpoint, "diff"))  # the step's diff is complete on its own
 
     # the checkpoint of a 2-process fsdp run is refused by a 1-process ddp resume, naming both
-    with pytest.raises(SurgeonError, match=r"strategy \(--strategy\): 'fsdp' there, 'ddp' now.*world size\): 2 there, 1 now"):
+    with pytest.raises(
+        SurgeonError, match=r"strategy \(--strategy\): 'fsdp' there, 'ddp' now.*world size\): 2 there, 1 now"
+    ):
         train_diff(**{**options, "strategy": "ddp", "out_dir": out, "resume": True})  # fmt: skip
     assert not os.path.exists(out) and step_dirs(out + ".checkpoints") == [step_dir]
 
@@ -102,7 +106,9 @@ def test_fsdp_checkpoint_and_resume_follow_the_uninterrupted_run(llama, tmp_path
     # the trained tensors and the AdamW moments came back: the same result as one uninterrupted process
     whole = train_diff(diff, [data], out_dir=str(tmp_path / "whole"), steps=5, batch_size=4, **RUN)
     assert whole.steps == 5
-    _close(load_file(os.path.join(out, "diff.safetensors")), load_file(str(tmp_path / "whole/diff.safetensors")))
+    _close(
+        load_file(os.path.join(out, "diff.safetensors")), load_file(str(tmp_path / "whole/diff.safetensors"))
+    )
 
 
 def _stop_at(step_to_stop: int):
@@ -117,7 +123,9 @@ def test_fsdp_resume_of_a_ddp_checkpoint_is_one_line(llama, tmp_path):
     _, diff, data = llama
     out = str(tmp_path / "out")
     with pytest.raises(TrainingInterrupted):
-        train_diff(diff, [data], out_dir=out, steps=5, batch_size=2, save_every=2, callback=_stop_at(3), **RUN)
+        train_diff(
+            diff, [data], out_dir=out, steps=5, batch_size=2, save_every=2, callback=_stop_at(3), **RUN
+        )
     (step_dir,) = step_dirs(out + ".checkpoints")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "surgeon",
            "train", diff, "--data", data, "-o", out, "--strategy", "fsdp", "--objective", "clm", "--steps", "5",
@@ -147,3 +155,39 @@ def test_fsdp_in_one_process_is_one_line_and_writes_nothing(llama, tmp_path):
         "--strategy ddp"
     ]
     assert not out.exists() and not os.path.exists(str(out) + ".checkpoints")
+
+
+def test_fsdp_headless_bert_mlm_keeps_tied_embeddings_in_one_unit(tmp_path):
+    # BERT lists BertEmbeddings as a unit, but the MLM scaffold's decoder is tied to its word
+    # embeddings: that unit stays with the root. The pooler's bias is trainable and unused by MLM.
+    base = make_base(tmp_path / "base", "bert-headless")
+    diff = make_diff(base, str(tmp_path / "d"), BITFIT_ATTN + [{"do": "bitfit", "select": {"role": "head"}}])
+    out = str(tmp_path / "out")
+    options = {"diff_dir": diff, "data": [data_file(tmp_path)], "out_dir": out, "strategy": "fsdp", "steps": 3,
+               "objective": "mlm", "seq_len": 32, "batch_size": 2, "lr": 1e-2, "progress": False}  # fmt: skip
+    done = torchrun({"options": options}, tmp_path, "bert")
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = records(tmp_path, "bert")
+    assert ranks[0]["losses"] == ranks[1]["losses"]
+    trained, initial = (
+        load_file(os.path.join(out, "diff.safetensors")),
+        load_file(os.path.join(diff, "diff.safetensors")),
+    )
+    assert trained.keys() == initial.keys()
+    assert torch.equal(trained["pooler.dense.bias"], initial["pooler.dense.bias"])  # no gradient: untouched
+    assert all(not torch.equal(trained[n], initial[n]) for n in trained if not n.startswith("pooler."))
+    surgeon.load(base, out)
+
+
+@pytest.mark.slow
+def test_fsdp_rank_loads_about_half_of_what_a_ddp_rank_loads(tmp_path):
+    # benchmarks/fsdp_memory.py on its ~310 MiB Llama: peak RSS of Trainer.setup per rank
+    out = tmp_path / "memory.json"
+    script = os.path.join(os.path.dirname(HERE), "benchmarks", "fsdp_memory.py")
+    done = subprocess.run([sys.executable, script, "--steps", "1", "--out", str(out)], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["base_mib"] > 250
+    assert 0.35 < result["setup_mib_ratio"] < 0.65, result
+    assert result["train_mib_ratio"] < 0.9, result

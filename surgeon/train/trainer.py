@@ -48,7 +48,7 @@ from .config import TrainConfig, field_flags, make_config
 from .data import MiB, StepBatches, fingerprint, load_tokenizer, pack, read_corpus
 from .meta_load import load_meta, load_meta_base
 from .objectives import SAME_AS_TEACHER, DistillObjective, build_objective, choose_objective
-from .sharding import device_mesh, gather, materialize, non_finite_anywhere, set_full, shard
+from .sharding import device_mesh, gather, materialize, non_finite_anywhere, return_freed_memory, set_full, shard
 from .stopping import StopFlag
 
 
@@ -276,6 +276,8 @@ class Trainer:
         """FSDP2: shard the objective (student, scaffold head) and the teacher, then read each
         rank's rows of every stored tensor (`sharding.py`)."""
         device = self.state.device
+        if device.type == "cpu":
+            return_freed_memory()
         mesh = device_mesh(device, self.world)
         by_name = _named_sources(self.task, sources)
         shard(self.task, [self.model], mesh)
