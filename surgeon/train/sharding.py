@@ -50,8 +50,8 @@ def return_freed_memory() -> bool:
     backward. glibc raises its mmap threshold to the size of every mmapped block freed (its
     "dynamic threshold", up to 32 MiB), so from the second layer on those buffers come from the
     heap, which keeps what is freed: measured on a 310 MiB Llama in 2 gloo processes, each
-    rank's peak RSS over 3 steps was 1125 MiB with the default and 438 MiB with a fixed 128 KiB
-    threshold (benchmarks/fsdp_memory.py). Fixing the threshold turns the dynamic one off.
+    rank's peak RSS over 3 steps was 1125 MiB with the default and 449 MiB with this call (ddp:
+    781 MiB; benchmarks/fsdp_memory.py). Fixing the threshold turns the dynamic one off.
     Returns whether it was set (glibc on Linux only)."""
     if not sys.platform.startswith("linux"):
         return False
