@@ -1,4 +1,4 @@
-"""Exporting a diff as something that runs without the diff (docs/export-formats.md).
+"""Exporting a diff as something that runs without the diff (docs/export.md).
 
 - `stream.py`: streamed safetensors reading and writing (one tensor, or block of rows, at a time);
 - `meta_diff.py`: the diff re-applied to its base on the meta device (`open_meta_diff`), and the
