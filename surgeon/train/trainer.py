@@ -5,11 +5,12 @@
     result = trainer.train()   # the loop; writes the trained diff to config.out_dir
 
 One process by default; under `accelerate launch --multi_gpu --num_processes N` or `torchrun`
-(CPU: gloo) the same call runs DDP, or with `strategy="fsdp"` FSDP2 (`sharding.py`: the model is
-built on the meta device and each rank reads only its shard of every tensor). Every random choice — batch order, masking, dropout — is a function
-of (seed, step, rank) (`torch.manual_seed` is reset at every step), so a run resumed from a
-checkpoint follows exactly the path of an uninterrupted one, and a checkpoint needs no RNG
-snapshot beyond the seed and step it records. Checkpoints: see `checkpoints.py`. Ctrl-C /
+(CPU: gloo) the same call runs DDP, or with `strategy="fsdp"` FSDP2 (`sharding.py`: the model
+is built on the meta device and each rank reads only its shard of every tensor). Every random
+choice — batch order, masking, dropout — is a function of (seed, step, rank)
+(`torch.manual_seed` is reset at every step), so a run resumed from a checkpoint follows
+exactly the path of an uninterrupted one, and a checkpoint needs no RNG snapshot beyond the
+seed and step it records. Checkpoints: see `checkpoints.py`. Ctrl-C /
 SIGTERM stop the run at the next step boundary (all ranks together), keep the last checkpoint,
 and raise `TrainingInterrupted`.
 
@@ -29,14 +30,13 @@ from dataclasses import dataclass, field
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedDataParallelKwargs
-from transformers import AutoConfig
-from transformers.modeling_layers import GradientCheckpointingLayer
-
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_optimizer_state_dict,
     set_optimizer_state_dict,
 )
+from transformers import AutoConfig
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from ..diff import load, read_manifest, save_diff
 from ..engine import surgery_of
@@ -48,7 +48,15 @@ from .config import TrainConfig, field_flags, make_config
 from .data import MiB, StepBatches, fingerprint, load_tokenizer, pack, read_corpus
 from .meta_load import load_meta, load_meta_base
 from .objectives import SAME_AS_TEACHER, DistillObjective, build_objective, choose_objective
-from .sharding import device_mesh, gather, materialize, non_finite_anywhere, return_freed_memory, set_full, shard
+from .sharding import (
+    device_mesh,
+    gather,
+    materialize,
+    non_finite_anywhere,
+    return_freed_memory,
+    set_full,
+    shard,
+)
 from .stopping import StopFlag
 
 
@@ -509,9 +517,8 @@ class Trainer:
             bad = non_finite_anywhere(params, self.names)
         else:
             bad = non_finite({n: params[n].detach() for n in self.names})
-        if bad:  # named as in the patched model (the objective holds it as `student`)
-            bad = (bad[0].removeprefix("student."), bad[1])
         if bad:
+            bad = (bad[0].removeprefix("student."), bad[1])  # as the patched model names it
             last = self._last_checkpoint()
             kept = f"the last checkpoint (step {last[0]}) is intact" if last else "nothing was written"
             raise SurgeonError(
