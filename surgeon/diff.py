@@ -73,13 +73,34 @@ def diff_tensors(model) -> dict[str, torch.Tensor]:
     return out
 
 
+def _given_tensors(model, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    surgery = surgery_of(model)
+    surgery.ledger.check_consistent(model)
+    names = surgery.ledger.diff_names()
+    check_stored_names("the tensors to save", set(tensors), set(names))
+    shapes = {n: tuple(t.shape) for n, t in [*model.named_parameters(), *model.named_buffers()]}
+    for name in names:
+        if tuple(tensors[name].shape) != shapes[name]:
+            given = tuple(tensors[name].shape)
+            raise SurgeonError(f"{name}: the tensor to save has shape {given}, the model's is {shapes[name]}")
+    return {name: tensors[name].detach().to("cpu").contiguous() for name in names}
+
+
 def save_diff(
-    model, out_dir: str, *, base_dir: str | None = None, overwrite: bool = False, inputs: Iterable[str] = ()
+    model,
+    out_dir: str,
+    *,
+    base_dir: str | None = None,
+    overwrite: bool = False,
+    inputs: Iterable[str] = (),
+    tensors: dict[str, torch.Tensor] | None = None,
 ) -> dict:
     """Write the diff of a patched model to `out_dir` atomically; return the manifest.
 
     The base, the recipe files the model was patched from and `inputs` (anything else the caller
     read: a PEFT dir, data files) are all checked against `out_dir` (`surgeon.fsutil.check_paths`).
+    `tensors`: the diff's tensors as full CPU tensors, for a model whose own are not (sharded
+    across processes); they must be exactly the ledger's diff names, shaped as the model's.
     """
     from safetensors.torch import save_file
 
@@ -97,7 +118,7 @@ def save_diff(
             f"{base_dir} is a `surgeon export --format surgeon` directory, not a base a diff can be loaded "
             "onto; keep training from the diff it was exported from (surgeon train DIFF) and export again"
         )
-    tensors = diff_tensors(model)
+    tensors = diff_tensors(model) if tensors is None else _given_tensors(model, tensors)
     base = base_record(info)  # hashes the base's files once; cached for later loads
     manifest = {
         "format": FORMAT,

@@ -171,10 +171,13 @@ class TrainConfig(BaseModel):
         "(transformers' activation checkpointing): activation memory drops from all layers to ~one, "
         "a step costs ~one more forward (~30 % slower). Gradients are unchanged.",
     )
-    strategy: Literal["ddp"] = _field(
+    strategy: Literal["ddp", "fsdp"] = _field(
         "ddp",
         "How several processes share the work: ddp copies the whole model into every process and "
-        "averages gradients (one process: plain training). It is the only strategy so far.",
+        "averages gradients (one process: plain training); fsdp (2+ processes, safetensors base) shards "
+        "every tensor, frozen and trained, across the processes with PyTorch's FSDP2, so each holds "
+        "about 1/N of the model, at the cost of gathering each layer's weights for its forward and "
+        "backward (more communication per step than ddp).",
         resume="same",
     )
     # ---- checkpoints, stopping, limits ------------------------------------------------------

@@ -304,14 +304,18 @@ def choose_objective(model: nn.Module) -> tuple[str, str]:
 def build_objective(
     objective: str, model, tokenizer, base_dir: str, *, final: str, final_weight: float,
     attn_weight: float = 1.0, layerwise: bool = False, allow_pickle: bool = False,
+    teacher: nn.Module | None = None,
 ) -> nn.Module:  # fmt: skip
+    """The objective module; distill's teacher is `teacher` if given (a sharded run builds its own),
+    else the base loaded from `base_dir`."""
     if objective not in OBJECTIVES:
         raise SurgeonError(f"train: unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
     if objective == "clm":
         return ClmObjective(model, tokenizer)
     if objective == "mlm":
         return MlmObjective(model, tokenizer)
-    teacher, _ = load_model(base_dir, allow_pickle=allow_pickle)
+    if teacher is None:
+        teacher, _ = load_model(base_dir, allow_pickle=allow_pickle)
     teacher.requires_grad_(False).eval()
     return DistillObjective(model, teacher, final=final, final_weight=final_weight, attn_weight=attn_weight,
                             layerwise=layerwise)

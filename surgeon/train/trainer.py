@@ -4,11 +4,13 @@
     trainer.setup()            # check paths and data, load model and objective, restore on resume
     result = trainer.train()   # the loop; writes the trained diff to config.out_dir
 
-One process by default; under `accelerate launch --multi_gpu --num_processes N` (CPU: gloo)
-the same call runs DDP. Every random choice — batch order, masking, dropout — is a function
-of (seed, step, rank) (`torch.manual_seed` is reset at every step), so a run resumed from a
-checkpoint follows exactly the path of an uninterrupted one, and a checkpoint needs no RNG
-snapshot beyond the seed and step it records. Checkpoints: see `checkpoints.py`. Ctrl-C /
+One process by default; under `accelerate launch --multi_gpu --num_processes N` or `torchrun`
+(CPU: gloo) the same call runs DDP, or with `strategy="fsdp"` FSDP2 (`sharding.py`: the model
+is built on the meta device and each rank reads only its shard of every tensor). Every random
+choice — batch order, masking, dropout — is a function of (seed, step, rank)
+(`torch.manual_seed` is reset at every step), so a run resumed from a checkpoint follows
+exactly the path of an uninterrupted one, and a checkpoint needs no RNG snapshot beyond the
+seed and step it records. Checkpoints: see `checkpoints.py`. Ctrl-C /
 SIGTERM stop the run at the next step boundary (all ranks together), keep the last checkpoint,
 and raise `TrainingInterrupted`.
 
@@ -28,17 +30,33 @@ from dataclasses import dataclass, field
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedDataParallelKwargs
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
 from transformers import AutoConfig
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from ..diff import load, read_manifest, save_diff
+from ..engine import surgery_of
 from ..errors import SurgeonError
 from ..fsutil import check_paths
 from ..precision import describe_cpu, native_bf16
 from .checkpoints import CheckpointDir, non_finite
 from .config import TrainConfig, field_flags, make_config
 from .data import MiB, StepBatches, fingerprint, load_tokenizer, pack, read_corpus
+from .meta_load import load_meta, load_meta_base
 from .objectives import SAME_AS_TEACHER, DistillObjective, build_objective, choose_objective
+from .sharding import (
+    device_mesh,
+    gather,
+    materialize,
+    non_finite_anywhere,
+    return_freed_memory,
+    set_full,
+    shard,
+)
 from .stopping import StopFlag
 
 
@@ -141,6 +159,13 @@ class Trainer:
         self.state = PartialState(cpu=not torch.cuda.is_available())
         self.rank, self.world = self.state.process_index, self.state.num_processes
         self.main = self.state.is_main_process
+        self.sharded = c.strategy == "fsdp"
+        if self.sharded and self.world < 2:
+            raise SurgeonError(
+                "train: --strategy fsdp shards the model across processes, and this run is one process; "
+                "launch 2 or more (torchrun --nproc-per-node N, or accelerate launch --num_processes N), "
+                "or use --strategy ddp"
+            )
         manifest = read_manifest(c.diff_dir)
         self.base_dir = c.base_dir or manifest["base"]["path"]
         self.inputs = check_run_paths(c, self.base_dir)
@@ -158,7 +183,11 @@ class Trainer:
             )
 
         # refuses a diff made on another base
-        model = load(self.base_dir, c.diff_dir, allow_pickle=c.allow_pickle, trust_base=c.trust_base)
+        if self.sharded:  # weights stay unread until each rank reads its shard
+            model, sources = load_meta(self.base_dir, c.diff_dir, allow_pickle=c.allow_pickle,
+                                       trust_base=c.trust_base)  # fmt: skip
+        else:
+            model = load(self.base_dir, c.diff_dir, allow_pickle=c.allow_pickle, trust_base=c.trust_base)
         if getattr(model.config, "is_encoder_decoder", False):
             raise SurgeonError(
                 f"train: {type(model).__name__} is encoder-decoder; train supports encoder-only and "
@@ -179,6 +208,9 @@ class Trainer:
                 "--batch-size or --seq-len"
             )
         torch.manual_seed(c.seed)  # a scaffold head's random init is part of the run's identity
+        teacher = teacher_sources = None
+        if self.sharded and self.objective == "distill":
+            teacher, teacher_sources = load_meta_base(self.base_dir, allow_pickle=c.allow_pickle)
         self.task = build_objective(
             self.objective,
             model,
@@ -189,10 +221,10 @@ class Trainer:
             attn_weight=c.attn_weight,
             layerwise=c.layerwise,
             allow_pickle=c.allow_pickle,
+            teacher=teacher,
         )
         self.model = model
         self.names = [n for n, p in self.task.named_parameters() if p.requires_grad]
-        self.params = [p for _, p in self.task.named_parameters() if p.requires_grad]
         self.trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         if self.trainable == 0:
             raise SurgeonError(
@@ -203,6 +235,10 @@ class Trainer:
         self.task.train(use_dropout)
         if c.gradient_checkpointing:
             self._checkpoint_activations(model, use_dropout)
+        if self.sharded:
+            self._shard(sources, teacher, teacher_sources)
+        # after sharding: fully_shard replaces every parameter by its sharded DTensor
+        self.params = [p for _, p in self.task.named_parameters() if p.requires_grad]
 
         self.optimizer = torch.optim.AdamW(self.params, lr=c.lr, weight_decay=c.weight_decay)
         self._began = None  # set when the loop starts; the time-based part of the schedule reads it
@@ -226,20 +262,38 @@ class Trainer:
                 raise SurgeonError(f"train: the checkpoint is at step {self.start}, past --steps {c.steps}")
 
         device = self.state.device
-        find_unused = self.world > 1 and self._unused(self.batches.batch(0), device)
+        find_unused = self.world > 1 and not self.sharded and self._unused(self.batches.batch(0), device)
         self.accelerator = Accelerator(
             cpu=not torch.cuda.is_available(),
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=bool(find_unused))],
         )
-        if isinstance(self.task, DistillObjective):
-            self.task.teacher[0].to(self.accelerator.device)
-        self.wrapped, self.optimizer = self.accelerator.prepare(self.task, self.optimizer)
+        if self.sharded:  # already sharded on its device; accelerate's prepare would wrap it in DDP
+            self.wrapped = self.task
+        else:
+            if isinstance(self.task, DistillObjective):
+                self.task.teacher[0].to(self.accelerator.device)
+            self.wrapped, self.optimizer = self.accelerator.prepare(self.task, self.optimizer)
         # autocast here rather than Accelerator(mixed_precision=...): accelerate's process-wide state
         # fixes the precision at the first Accelerator, so a second run in one process could not change it
         self.autocast = torch.autocast(
             self.accelerator.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"
         )
         self._ready = True
+
+    def _shard(self, sources: dict, teacher, teacher_sources: dict | None) -> None:
+        """FSDP2: shard the objective (student, scaffold head) and the teacher, then read each
+        rank's rows of every stored tensor (`sharding.py`)."""
+        device = self.state.device
+        if device.type == "cpu":
+            return_freed_memory()
+        mesh = device_mesh(device, self.world)
+        by_name = _named_sources(self.task, sources)
+        shard(self.task, [self.model], mesh)
+        materialize(self.task, by_name, device, self.rank, self.world)
+        if teacher is not None:
+            by_name = _named_sources(teacher, teacher_sources)
+            shard(teacher, [teacher], mesh)
+            materialize(teacher, by_name, device, self.rank, self.world)
 
     def _check_positions(self, model) -> None:
         c = self.config
@@ -359,7 +413,9 @@ class Trainer:
 
     def optimizer_step(self) -> None:
         clip = self.config.clip_norm()
-        if clip:
+        if clip and self.sharded:  # the norm over every rank's shards (DTensor gradients)
+            torch.nn.utils.clip_grad_norm_(self.params, clip)
+        elif clip:
             self.accelerator.clip_grad_norm_(self.params, clip)
         self.optimizer.step()
         self.scheduler.step()
@@ -424,8 +480,9 @@ class Trainer:
 
         self._refuse_non_finite(done)
         self.accelerator.wait_for_everyone()
+        gathered = self._gathered_diff()  # every rank takes part; rank 0 keeps the tensors
         if self.main:
-            save_diff(self.model, c.out_dir, base_dir=self.base_dir, overwrite=c.overwrite)
+            save_diff(self.model, c.out_dir, base_dir=self.base_dir, overwrite=c.overwrite, tensors=gathered)
             note = self.checkpoints.remove()
             if note:
                 result.notes.append(note)
@@ -434,6 +491,13 @@ class Trainer:
         result.model = self.model
         result.trainable = self.trainable
         return result
+
+    def _gathered_diff(self) -> dict[str, torch.Tensor] | None:
+        """The diff's tensors gathered whole on rank 0 (sharded runs), else None (read from the model)."""
+        if not self.sharded:
+            return None
+        state = {**dict(self.model.named_parameters()), **dict(self.model.named_buffers())}
+        return gather(state, surgery_names(self.model), self.main)
 
     def _close(self) -> None:
         if isinstance(self.task, DistillObjective):
@@ -447,11 +511,14 @@ class Trainer:
 
     # ---- checkpoints -------------------------------------------------------------------------------
     def _refuse_non_finite(self, step: int) -> None:
-        # every rank checks (their tensors are equal under DDP), so all stop together
+        # every rank checks (their tensors are equal under DDP; FSDP: all ranks' shards), so all stop together
         params = dict(self.accelerator.unwrap_model(self.task).named_parameters())
-        # named as in the patched model (the objective holds it as `student`)
-        bad = non_finite({n.removeprefix("student."): params[n].detach() for n in self.names})
+        if self.sharded:
+            bad = non_finite_anywhere(params, self.names)
+        else:
+            bad = non_finite({n: params[n].detach() for n in self.names})
         if bad:
+            bad = (bad[0].removeprefix("student."), bad[1])  # as the patched model names it
             last = self._last_checkpoint()
             kept = f"the last checkpoint (step {last[0]}) is intact" if last else "nothing was written"
             raise SurgeonError(
@@ -466,16 +533,23 @@ class Trainer:
         self._refuse_non_finite(step)
         self.accelerator.wait_for_everyone()
         path = None
+        params = dict(self.accelerator.unwrap_model(self.task).named_parameters())
+        if self.sharded:  # gathered whole on rank 0, so a checkpoint reads as a ddp one does
+            trained = gather(params, self.names, self.main)
+            optimizer_state = get_optimizer_state_dict(self.task, self.optimizer, options=_FULL_ON_RANK0)
+            diff = self._gathered_diff()
+        else:
+            trained = {n: params[n] for n in self.names}
+            optimizer_state, diff = self.optimizer.state_dict(), None
         if self.main:
-            params = dict(self.accelerator.unwrap_model(self.task).named_parameters())
             state = {"names": self.names, "identity": self.identity, "config": self.config.model_dump()}
             path = self.checkpoints.write(
                 step,
-                {n: params[n] for n in self.names},
-                self.optimizer.state_dict(),
+                trained,
+                optimizer_state,
                 self.scheduler.state_dict(),
                 state,
-                lambda directory: save_diff(self.task.student, directory, base_dir=self.base_dir),
+                lambda where: save_diff(self.task.student, where, base_dir=self.base_dir, tensors=diff),
                 self.inputs,
             )
         self.accelerator.wait_for_everyone()
@@ -497,12 +571,32 @@ class Trainer:
                 f"train: --resume: the checkpoint in {path} trains other tensors than this run"
             )
         params = dict(self.task.named_parameters())
-        with torch.no_grad():
-            for name in self.names:
-                params[name].copy_(tensors[name])
-        self.optimizer.load_state_dict(optimizer_state)
+        if self.sharded:  # each rank takes its rows of the full tensors the checkpoint holds
+            set_full(params, {n: tensors[n] for n in self.names}, self.rank, self.world)
+            set_optimizer_state_dict(
+                self.task, self.optimizer, optimizer_state, options=StateDictOptions(full_state_dict=True)
+            )
+        else:
+            with torch.no_grad():
+                for name in self.names:
+                    params[name].copy_(tensors[name])
+            self.optimizer.load_state_dict(optimizer_state)
         self.scheduler.load_state_dict(scheduler_state)
         return int(saved["step"])
+
+
+# the optimizer state of a sharded run, whole, on rank 0's CPU (the other ranks get nothing)
+_FULL_ON_RANK0 = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def _named_sources(root, sources: dict) -> dict:
+    """Name in `root` -> where it is stored, for `sources` keyed by tensor id (`meta_load`)."""
+    tensors = [*root.named_parameters(), *root.named_buffers()]
+    return {name: sources[id(t)] for name, t in tensors if id(t) in sources}
+
+
+def surgery_names(model) -> list[str]:
+    return surgery_of(model).ledger.diff_names()
 
 
 def describe_differences(saved: dict, now: dict) -> list[str]:
