@@ -235,18 +235,17 @@ def plot(result, path: str) -> None:
         if "dense" not in rows:
             continue
         color = f"C{i}"
-        ax.axhline(rows["dense"]["ppl"], color=color, linestyle=":", linewidth=1)
+        ax.axhline(rows["dense"]["ppl"], color=color, linestyle=":", label=f"{length} tokens, dense")
         for sinks, style in ((False, "--"), (True, "-")):
             points = [(w, rows[row_name(w, sinks)]["ppl"]) for w in windows if row_name(w, sinks) in rows]
             if points:
                 ax.plot(*zip(*points), style, marker="o", color=color,
                         label=f"{length} tokens, window{' + 4 sinks' if sinks else ' only'}")  # fmt: skip
     ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
     ax.set_xticks(windows, [str(w) for w in windows])
     ax.set_xlabel("causal window (keys per query)")
     ax.set_ylabel(f"perplexity, last {result['score_tokens']} tokens")
-    ax.set_title(f"{result['model_name']} on held-out State of the Union text (dotted: dense)")
+    ax.set_title(f"{result['model_name']}, held-out State of the Union text", fontsize=10)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
