@@ -255,7 +255,18 @@ def test_report_cost():
     assert len(cost) == 3
     for row in cost:
         assert row["variant"] == "sliding_window"
-        assert row["dense_flops"] / row["flops"] == pytest.approx(1024 / 9)
+        # ±4 around each of 1024 queries, less the 2 × (4+3+2+1) keys beyond the two ends
+        assert row["dense_flops"] / row["flops"] == pytest.approx(1024 * 1024 / (1024 * 9 - 20))
+
+
+def test_band_pairs_counts_every_pair_inside_the_sequence():
+    from surgeon.attention.variants_local import band_pairs
+
+    for n in range(1, 10):
+        for lo in range(-11, 1):
+            for hi in range(0, 11):
+                brute = sum(1 for q in range(n) for k in range(n) if lo <= q - k <= hi)
+                assert band_pairs(n, lo, hi) == brute, (n, lo, hi)
 
 
 @pytest.mark.parametrize("rule, msg", [

@@ -77,11 +77,16 @@ class SlidingWindowVariant:
         return glob
 
     def cost(self, n: int, heads: int, head_dim: int) -> dict:
-        """Keys per query: the window (clipped to n) plus every global key; global queries see all n."""
+        """Score pairs: the band, clipped at the sequence's ends (exact for dilation 1; a dilated
+        band is counted unclipped), plus every global key for every query and every key for each
+        global query (an upper bound: a global key inside a window is counted twice)."""
         lo, hi = window_bounds(self.window, self.causal)
-        span = min(n, hi - lo + 1)
+        if self.dilation == 1:
+            pairs = band_pairs(n, lo, hi)
+        else:
+            pairs = n * min(n, hi - lo + 1)
         g = len([p for p in self.global_tokens if p < n])
-        pairs = n * min(n, span + g) + g * n  # (query, key) score pairs, upper bound
+        pairs = min(n * n, pairs + 2 * g * n)
         return {"flops": 4 * heads * head_dim * pairs, "score_bytes": 4 * heads * pairs}
 
     def describe(self) -> str:
@@ -115,6 +120,15 @@ class BlockwiseVariant:
 
     def describe(self) -> str:
         return f"blockwise {self.block_size}, permutations {self.permutations}"
+
+
+def band_pairs(n: int, lo: int, hi: int) -> int:
+    """(query, key) pairs of n positions with lo <= query - key <= hi (lo <= 0 <= hi), both in
+    [0, n): n full bands less the keys that fall before position 0 (the first queries, when
+    hi > 0) and after position n - 1 (the last queries, when lo < 0)."""
+    before, after = min(hi, n), min(-lo, n)
+    lost = before * hi - before * (before - 1) // 2 + after * (-lo) - after * (after - 1) // 2
+    return n * (hi - lo + 1) - lost
 
 
 def heads_of(module: torch.nn.Module) -> int | None:
