@@ -28,28 +28,12 @@ import sys
 import tempfile
 import time
 
+from benchlib import reset_peak_rss, status_mb
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results", "gradient_checkpointing.json")
 MB = 2**20
 MODULES = ("collections", "functools", "itertools", "json", "pathlib", "argparse", "inspect", "typing")
-
-
-def _status_mb(field: str) -> float:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024  # kB
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def _reset_peak() -> bool:
-    """Reset the peak RSS (VmHWM) to the current RSS (Linux >= 4.0), so loading does not count."""
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def child(args) -> None:
@@ -72,8 +56,8 @@ def child(args) -> None:
     )
     trainer = Trainer(config)
     trainer.setup()
-    settled = _status_mb("VmRSS")
-    reset = _reset_peak()
+    settled = status_mb("VmRSS")
+    reset = reset_peak_rss()
     saved: list[int] = []
     weights = {p.untyped_storage().data_ptr() for p in trainer.task.parameters()}
 
@@ -96,7 +80,7 @@ def child(args) -> None:
             trainer.backward(step)
         trainer.optimizer_step()
         times.append(time.perf_counter() - started)
-    peak = _status_mb("VmHWM")  # since the reset: the steps' peak (else the whole process's)
+    peak = status_mb("VmHWM")  # since the reset: the steps' peak (else the whole process's)
     print(
         json.dumps(
             {
