@@ -228,7 +228,8 @@ def test_a_diff_loads_with_the_parameters_it_was_saved_with(tiny_model_dir, tmp_
     other = {"latent": "attended", "attended": "latent"}[default]
     manifest = surgeon.save_diff(model, str(tmp_path / "d"))
     assert manifest["rules"][0] == {"do": "latent", "with": {"m": 4, "init": "random", "seed": 0,
-                                                             "summary_keys": default, "local_window": 0}}  # fmt: skip
+                                                             "summary_keys": default, "local_window": 0,
+                                                             "kernel": "auto"}}  # fmt: skip
     assert torch.equal(output_of(surgeon.load(base, str(tmp_path / "d")), inputs), output_of(model, inputs))
     # as if saved by a surgeon whose default was the other one (the recipe omits the field)
     path = tmp_path / "d" / "manifest.json"
