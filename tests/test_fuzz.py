@@ -107,6 +107,21 @@ def bert_dir(tmp_path_factory):
     return directory
 
 
+def fresh_copy(source, target):
+    """`target` as a fresh copy of the directory `source` (hypothesis reuses one tmp_path)."""
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(source, target)
+    return target
+
+
+def fresh(path):
+    """`path` with whatever an earlier example left there removed."""
+    if path.exists():
+        shutil.rmtree(path)
+    return path
+
+
 def write_json(path, data) -> None:
     with open(path, "w") as handle:
         json.dump(data, handle)  # NaN and infinities as JSON's non-standard literals, as Python reads them
@@ -190,14 +205,11 @@ def lora_diff(bert_dir, tmp_path_factory):
 @FUZZ
 @given(data=st.data())
 def test_any_manifest_is_loaded_or_one_line_errors(data, lora_diff, bert_dir, tmp_path):
-    diff = tmp_path / "diff"
-    if diff.exists():
-        shutil.rmtree(diff)
-    shutil.copytree(lora_diff, diff)
+    diff = fresh_copy(lora_diff, tmp_path / "diff")
     pristine = json.load(open(diff / "manifest.json"))
     write_json(diff / "manifest.json", data.draw(mutations(pristine)))
     assert_clean(invoke("verify", str(diff), "--base", bert_dir))
-    out = tmp_path / "export"
+    out = fresh(tmp_path / "export")
     result = invoke("export", str(diff), "-o", str(out), "--base", bert_dir, "--no-progress")
     assert_clean(result)
     assert result.exit_code == 0 or not out.exists()
@@ -221,10 +233,7 @@ SHARD_NAMES = st.one_of(
 @FUZZ
 @given(data=st.data())
 def test_any_shard_index_is_read_or_refused_and_nothing_outside_is_touched(data, sharded_llama, tmp_path):
-    base = tmp_path / "base"
-    if base.exists():
-        shutil.rmtree(base)
-    shutil.copytree(sharded_llama, base)
+    base = fresh_copy(sharded_llama, tmp_path / "base")
     before = {name: os.path.getsize(base / name) for name in os.listdir(base)}
     index = json.load(open(base / INDEX))
     values = data.draw(st.sampled_from(["names", "anything"]))
@@ -236,9 +245,7 @@ def test_any_shard_index_is_read_or_refused_and_nothing_outside_is_touched(data,
         pass
     recipe = tmp_path / "bitfit.yaml"
     recipe.write_text("surgeon: 1\nrules:\n  - do: bitfit\n    select: {role: model}\n")
-    out = tmp_path / "out"
-    if out.exists():
-        shutil.rmtree(out)
+    out = fresh(tmp_path / "out")
     result = invoke("apply", str(recipe), str(base), "-o", str(out))
     assert_clean(result)
     assert result.exit_code == 0 or not out.exists()
@@ -259,15 +266,10 @@ def peft_dir(lora_diff, tmp_path_factory):
 @FUZZ
 @given(data=st.data())
 def test_any_adapter_config_is_imported_or_one_line_errors(data, peft_dir, bert_dir, tmp_path):
-    adapter = tmp_path / "peft"
-    if adapter.exists():
-        shutil.rmtree(adapter)
-    shutil.copytree(peft_dir, adapter)
+    adapter = fresh_copy(peft_dir, tmp_path / "peft")
     pristine = json.load(open(adapter / "adapter_config.json"))
     write_json(adapter / "adapter_config.json", data.draw(mutations(pristine)))
-    out = tmp_path / "imported"
-    if out.exists():
-        shutil.rmtree(out)
+    out = fresh(tmp_path / "imported")
     result = invoke("import-peft", str(adapter), "-o", str(out), "--base", bert_dir)
     assert_clean(result)
     assert result.exit_code == 0 or not out.exists()
